@@ -1,0 +1,3 @@
+from modalign.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The paired data model: N modality samples, each with an id, captions, a split, and optional
+label and facts. Pure numpy; no torch.
+
+One shape covers sensor event streams, wearable time series, audio frames and collider events:
+
+    tokens_id    [N, T]     int64, categorical token ids, 0 = padding (ids start at 1)
+    tokens_cont  [N, T, C]  float32, continuous token features, zeros at padding
+    lengths      [N]        int64, valid tokens per sample (1..T); positions >= length are padding
+    globals      [N, G]     float32, per-sample global features (optional)
+
+At least one of tokens_id and tokens_cont is present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modalign.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PairedData:
+    name: str
+    source: str  # file (or generator) the data came from; named in every error message
+    ids: np.ndarray  # [N] str
+    split: np.ndarray  # [N] str, one of SPLITS
+    lengths: np.ndarray  # [N] int64
+    captions: list[list[str]]  # N lists, each with >= 1 caption
+    tokens_id: np.ndarray | None = None  # [N, T] int64
+    tokens_cont: np.ndarray | None = None  # [N, T, C] float32
+    globals: np.ndarray | None = None  # [N, G] float32
+    labels: np.ndarray | None = None  # [N] int64, -1 = unknown
+    label_names: list[str] | None = None  # [K]
+    class_prompts: list[list[str]] | None = None  # [K] lists of prompts for zero-shot classification
+    facts: list[dict[str, Any]] | None = None  # N dicts: the structured facts the captions say
+    vocab: list[str] | None = None  # names of token ids, index = id (0 = "<pad>")
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def seq_len(self) -> int:
+        arr = self.tokens_id if self.tokens_id is not None else self.tokens_cont
+        return int(arr.shape[1])
+
+    @property
+    def n_cont(self) -> int:
+        return 0 if self.tokens_cont is None else int(self.tokens_cont.shape[2])
+
+    @property
+    def n_globals(self) -> int:
+        return 0 if self.globals is None else int(self.globals.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        if self.tokens_id is None:
+            return 0
+        if self.vocab is not None:
+            return len(self.vocab)
+        return int(self.tokens_id.max()) + 1
+
+    def subset(self, split: str) -> "PairedData":
+        """The samples of one split, in file order."""
+        idx = np.flatnonzero(self.split == split)
+        return self.take(idx)
+
+    def take(self, idx: np.ndarray) -> "PairedData":
+        def pick(a):
+            return None if a is None else a[idx]
+
+        return PairedData(
+            name=self.name, source=self.source, ids=self.ids[idx], split=self.split[idx],
+            lengths=self.lengths[idx], captions=[self.captions[i] for i in idx],
+            tokens_id=pick(self.tokens_id), tokens_cont=pick(self.tokens_cont),
+            globals=pick(self.globals), labels=pick(self.labels), label_names=self.label_names,
+            class_prompts=self.class_prompts,
+            facts=None if self.facts is None else [self.facts[i] for i in idx],
+            vocab=self.vocab, meta=self.meta,
+        )
+
+    def fingerprint(self) -> str:
+        """sha256 over sample ids, arrays and captions: equal iff two runs saw the same samples."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.ids.tolist()).encode())
+        for a in (self.lengths, self.tokens_id, self.tokens_cont, self.globals, self.labels):
+            if a is not None:
+                h.update(np.ascontiguousarray(a).tobytes())
+        h.update(json.dumps(self.captions, ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    def group_ids(self, protocol: str) -> np.ndarray:
+        """[N] int64 relevance groups: two samples are relevant to each other iff equal.
+
+        exact_text  samples whose first captions are identical
+        same_facts  samples whose facts are identical (falls back to error if facts are absent)
+        same_label  samples with the same label
+        """
+        if protocol == "exact_text":
+            keys = [c[0] for c in self.captions]
+        elif protocol == "same_facts":
+            if self.facts is None:
+                raise UserError(f"{self.source}: protocol 'same_facts' needs per-sample facts, and this data has none")
+            keys = [json.dumps(f, sort_keys=True) for f in self.facts]
+        elif protocol == "same_label":
+            if self.labels is None:
+                raise UserError(f"{self.source}: protocol 'same_label' needs labels, and this data has none")
+            groups = self.labels.astype(np.int64).copy()
+            unknown = groups < 0
+            groups[unknown] = groups.max(initial=-1) + 1 + np.arange(int(unknown.sum()))  # each unknown alone
+            return groups
+        else:
+            raise UserError(f"unknown relevance protocol '{protocol}' (expected exact_text, same_facts, same_label)")
+        _, inv = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+        return inv.astype(np.int64)
+
+    def validate(self) -> "PairedData":
+        """Check shapes, values and splits; raise UserError with one line naming the problem."""
+        src = self.source
+        n = len(self.ids)
+        if n == 0:
+            raise UserError(f"{src}: no samples")
+        if self.tokens_id is None and self.tokens_cont is None:
+            raise UserError(f"{src}: neither 'tokens_id' nor 'tokens_cont' is present; give at least one")
+        named = {"split": self.split, "lengths": self.lengths, "tokens_id": self.tokens_id,
+                 "tokens_cont": self.tokens_cont, "globals": self.globals, "labels": self.labels}
+        for key, arr in named.items():
+            if arr is not None and len(arr) != n:
+                raise UserError(f"{src}: '{key}' has {len(arr)} samples but 'ids' has {n}")
+        if len(self.captions) != n:
+            raise UserError(f"{src}: {len(self.captions)} caption entries for {n} samples")
+        if self.facts is not None and len(self.facts) != n:
+            raise UserError(f"{src}: {len(self.facts)} facts entries for {n} samples")
+
+        uniq, counts = np.unique(self.ids, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1][0]
+            raise UserError(f"{src}: duplicate sample id '{dup}' ({counts[counts > 1][0]} times)")
+
+        bad_split = sorted(set(self.split.tolist()) - set(SPLITS))
+        if bad_split:
+            raise UserError(f"{src}: unknown split name '{bad_split[0]}' (expected one of {', '.join(SPLITS)})")
+        sizes = {s: int((self.split == s).sum()) for s in SPLITS}
+        for s in SPLITS:
+            if sizes[s] == 0:
+                shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+                raise UserError(f"{src}: split '{s}' is empty ({shown})")
+
+        if self.tokens_id is not None:
+            _check_kind(src, "tokens_id", self.tokens_id, "iu", ndim=2)
+        if self.tokens_cont is not None:
+            _check_kind(src, "tokens_cont", self.tokens_cont, "fiu", ndim=3)
+        if self.globals is not None:
+            _check_kind(src, "globals", self.globals, "fiu", ndim=2)
+        if self.tokens_id is not None and self.tokens_cont is not None:
+            if self.tokens_id.shape[1] != self.tokens_cont.shape[1]:
+                raise UserError(f"{src}: 'tokens_id' has T={self.tokens_id.shape[1]} positions but "
+                                f"'tokens_cont' has T={self.tokens_cont.shape[1]}")
+        for key in ("tokens_cont", "globals"):
+            arr = named[key]
+            if arr is not None:
+                bad = ~np.isfinite(arr)
+                if bad.any():
+                    first = np.argwhere(bad)[0]
+                    raise UserError(f"{src}: '{key}' has {int(bad.sum())} non-finite values (NaN/Inf), "
+                                    f"first in sample '{self.ids[first[0]]}' at index {tuple(int(i) for i in first[1:])}")
+
+        _check_kind(src, "lengths", self.lengths, "iu", ndim=1)
+        T = self.seq_len
+        bad = (self.lengths < 1) | (self.lengths > T)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{src}: 'lengths' of sample '{self.ids[i]}' is {int(self.lengths[i])}, outside 1..{T}")
+        if self.tokens_id is not None:
+            if (self.tokens_id < 0).any():
+                i = int(np.argwhere(self.tokens_id < 0)[0][0])
+                raise UserError(f"{src}: 'tokens_id' has negative ids (sample '{self.ids[i]}'); ids start at 1, 0 is padding")
+            valid = np.arange(T)[None, :] < self.lengths[:, None]
+            if (self.tokens_id[valid] == 0).any():
+                i = int(np.argwhere((self.tokens_id == 0) & valid)[0][0])
+                raise UserError(f"{src}: 'tokens_id' has id 0 (padding) inside the length of sample "
+                                f"'{self.ids[i]}'; ids start at 1")
+            if self.vocab is not None and self.tokens_id.max() >= len(self.vocab):
+                raise UserError(f"{src}: 'tokens_id' has id {int(self.tokens_id.max())} but the vocabulary "
+                                f"has {len(self.vocab)} entries")
+
+        for i, caps in enumerate(self.captions):
+            if not isinstance(caps, list) or len(caps) == 0:
+                raise UserError(f"{src}: sample '{self.ids[i]}' has no captions")
+            for j, c in enumerate(caps):
+                if not isinstance(c, str):
+                    raise UserError(f"{src}: caption {j} of sample '{self.ids[i]}' is {type(c).__name__}, not a string")
+                if not c.strip():
+                    raise UserError(f"{src}: caption {j} of sample '{self.ids[i]}' is empty")
+
+        if self.labels is not None:
+            _check_kind(src, "labels", self.labels, "iu", ndim=1)
+            k = len(self.label_names) if self.label_names is not None else int(self.labels.max()) + 1
+            if (self.labels < -1).any() or (self.labels >= k).any():
+                raise UserError(f"{src}: 'labels' must lie in -1..{k - 1} (-1 = unknown)")
+            if self.class_prompts is not None and len(self.class_prompts) != k:
+                raise UserError(f"{src}: {len(self.class_prompts)} class prompt lists for {k} labels")
+        return self
+
+
+def _check_kind(src: str, key: str, arr: np.ndarray, kinds: str, ndim: int) -> None:
+    if arr.dtype.kind not in kinds:
+        want = {"iu": "integers", "fiu": "numbers"}[kinds]
+        raise UserError(f"{src}: '{key}' has dtype {arr.dtype}, expected {want}")
+    if arr.ndim != ndim:
+        raise UserError(f"{src}: '{key}' has shape {tuple(arr.shape)}, expected {ndim} dimensions")

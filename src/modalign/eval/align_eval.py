@@ -1,0 +1,58 @@
+"""Evaluation of an alignment model on one split: embeddings in, metrics and per-example scores out.
+
+The metrics themselves are the numpy functions of `modalign.eval.retrieval`; this module only
+embeds. Metric names: the headline protocol's retrieval metrics are unprefixed (`m2t_R@1`,
+`t2m_mAP`, ...); every other protocol's carry its name (`exact_text/m2t_R@1`); zero-shot
+classification is `zeroshot_acc`. run.json's eval.protocol says which protocol is the headline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from modalign.data.batches import PairedTensors
+from modalign.eval.retrieval import bidirectional_retrieval, zero_shot_accuracy
+
+PROTOCOL_VERSION = 1  # bump when a metric's definition changes: runs of different versions are not comparable
+
+
+@torch.no_grad()
+def embed_split(model, data: PairedTensors, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """-> modality (N, D), text (N, D) float32, L2-normalised; text = each sample's first caption."""
+    model.eval()
+    ms, ts = [], []
+    for batch in data.eval_batches(batch_size):
+        m, _ = model.encode_modality(batch)
+        ms.append(m.float())
+        ts.append(model.encode_text(batch["text"]).float())
+    return torch.cat(ms).numpy(), torch.cat(ts).numpy()
+
+
+@torch.no_grad()
+def class_embeddings(model, prompt_text: torch.Tensor, prompt_class: torch.Tensor, n_classes: int) -> np.ndarray:
+    """prompt_text (P, text_dim) frozen prompt embeddings, prompt_class (P,) -> (K, D): the
+    normalised mean of each class's projected prompts."""
+    model.eval()
+    z = model.encode_text(prompt_text)  # (P, D)
+    out = torch.zeros(n_classes, z.shape[1]).index_add_(0, prompt_class, z)
+    return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def evaluate_embeddings(modality: np.ndarray, text: np.ndarray, groups: dict[str, np.ndarray],
+                        headline: str, class_text: np.ndarray | None = None,
+                        labels: np.ndarray | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """modality, text (N, D); groups: protocol -> (N,) relevance groups; headline: the protocol
+    whose metrics are unprefixed. -> (metrics, per-example columns)."""
+    metrics: dict[str, float] = {}
+    per_example: dict[str, np.ndarray] = {}
+    for protocol, g in groups.items():
+        prefix = "" if protocol == headline else f"{protocol}/"
+        m, ex = bidirectional_retrieval(modality, text, g)
+        metrics.update({prefix + k: float(v) for k, v in m.items()})
+        per_example.update({prefix + k: v for k, v in ex.items()})
+    if class_text is not None and labels is not None:
+        acc, correct = zero_shot_accuracy(modality, class_text, labels)
+        metrics["zeroshot_acc"] = float(acc)
+        per_example["zeroshot_correct"] = correct
+    return metrics, per_example

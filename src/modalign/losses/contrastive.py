@@ -1,0 +1,121 @@
+"""Contrastive losses between modality and text embeddings. Each returns named terms.
+
+Shared captions: when several samples of a batch carry the same caption (the same text, or the
+same label when captions are per-label), they are positives of each other, not negatives. We use
+soft targets: row i's target distribution is uniform over every column whose caption group equals
+row i's (CLIP's one-hot target when all captions differ). Masking the duplicates out instead would
+throw their gradient away; soft targets keep it and give the same optimum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def positives(groups_a: torch.Tensor, groups_b: torch.Tensor) -> torch.Tensor:
+    """groups_a (A,), groups_b (B,) -> (A, B) bool, True where the captions are the same."""
+    return groups_a[:, None] == groups_b[None, :]
+
+
+def clip_loss(modality: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Bidirectional InfoNCE with soft multi-positive targets.
+
+    modality (B, D), text (B, D): L2-normalised, row i of each is a pair.
+    logit_scale: scalar, already exponentiated and clamped.
+    groups (B,) int: caption group per row; None = every caption distinct.
+    Returns {"clip_m2t", "clip_t2m", "clip"} with clip the mean of the two directions.
+    """
+    logits = logit_scale * modality @ text.T  # (B, B)
+    if groups is None:
+        target = torch.arange(len(logits), device=logits.device)
+        m2t = F.cross_entropy(logits, target)
+        t2m = F.cross_entropy(logits.T, target)
+    else:
+        pos = positives(groups, groups).to(logits.dtype)  # symmetric
+        target = pos / pos.sum(1, keepdim=True)
+        m2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+        t2m = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return {"clip_m2t": m2t, "clip_t2m": t2m, "clip": (m2t + t2m) / 2}
+
+
+def siglip_loss(modality: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor, groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023): every pair is a binary problem.
+
+    modality (B, D), text (B, D) normalised; pairs with the same caption group are positives.
+    Returns {"siglip"}: the sum over pairs divided by B, as in the paper.
+    """
+    logits = logit_scale * modality @ text.T + logit_bias  # (B, B)
+    if groups is None:
+        labels = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
+    else:
+        labels = 2 * positives(groups, groups).to(logits.dtype) - 1
+    return {"siglip": -F.logsigmoid(labels * logits).sum() / len(logits)}
+
+
+class TextQueue(nn.Module):
+    """A FIFO memory of recent frozen text embeddings used as extra negatives.
+
+    It stores the *frozen* sentence embeddings and their caption groups, and the loss projects
+    them with the current text projection, so the negatives never go stale. Buffers live in the
+    state dict, so a resumed run continues with the same queue.
+    """
+
+    def __init__(self, size: int, text_dim: int):
+        super().__init__()
+        self.register_buffer("text", torch.zeros(size, text_dim))  # (Q, text_dim)
+        self.register_buffer("groups", torch.full((size,), -1, dtype=torch.long))  # -1 = empty slot
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, text: torch.Tensor, groups: torch.Tensor) -> None:
+        q = len(self.groups)
+        idx = (self.ptr + torch.arange(len(groups))) % q
+        self.text[idx] = text.float()
+        self.groups[idx] = groups
+        self.ptr.copy_((self.ptr + len(groups)) % q)
+
+
+def queue_loss(modality: torch.Tensor, text: torch.Tensor, queued_text: torch.Tensor,
+               logit_scale: torch.Tensor, groups: torch.Tensor, queued_groups: torch.Tensor) -> torch.Tensor:
+    """Modality->text InfoNCE over the batch's texts plus a queue of extra negatives.
+
+    modality (B, D), text (B, D), queued_text (Q, D) projected + normalised, groups (B,),
+    queued_groups (Q,) with -1 for empty slots. Queue entries with the query's caption group, and
+    empty slots, are masked out: they are not negatives.
+    """
+    batch_logits = logit_scale * modality @ text.T  # (B, B)
+    queue_logits = logit_scale * modality @ queued_text.T  # (B, Q)
+    drop = positives(groups, queued_groups) | (queued_groups < 0)[None, :]
+    queue_logits = queue_logits.masked_fill(drop, float("-inf"))
+    logits = torch.cat([batch_logits, queue_logits], dim=1)  # (B, B+Q)
+    pos = positives(groups, groups).to(logits.dtype)
+    target = torch.cat([pos / pos.sum(1, keepdim=True), torch.zeros_like(queue_logits)], dim=1)
+    logp = F.log_softmax(logits, dim=1).masked_fill(target == 0, 0.0)
+    return -(target * logp).sum(1).mean()
+
+
+def masked_token_loss(pred: torch.Tensor, tokens_id: torch.Tensor | None, tokens_cont: torch.Tensor | None,
+                      masked: torch.Tensor) -> torch.Tensor:
+    """Masked-modeling auxiliary: reconstruct masked tokens from the encoder's token features.
+
+    pred (B, T, V) logits over token ids when the data has ids, else (B, T, C) continuous features;
+    masked (B, T) bool, True at positions that were hidden from the encoder.
+    Cross-entropy on ids, MSE on continuous features, over masked positions only.
+    """
+    if tokens_id is not None:
+        return F.cross_entropy(pred[masked].float(), tokens_id[masked])
+    return F.mse_loss(pred[masked].float(), tokens_cont[masked].float())
+
+
+def random_token_mask(mask: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """mask (B, T) valid positions -> (B, T) bool: about `ratio` of each sample's valid positions,
+    at least one per sample."""
+    r = torch.rand(mask.shape, generator=generator, device=mask.device)
+    r = r.masked_fill(~mask, 2.0)
+    n = (mask.sum(1).float() * ratio).clamp_min(1).long()  # (B,)
+    kth = torch.sort(r, dim=1).values.gather(1, (n - 1)[:, None])  # (B, 1)
+    return (r <= kth) & mask

@@ -1,0 +1,104 @@
+"""The stage-2 alignment model: modality encoder + projection head, a projection of the frozen
+text embeddings, and a learnable logit scale.
+
+The text encoder itself is not part of this module: its embeddings are computed once (and cached)
+by `modalign.models.text_encoder`, so the model sees text as fixed vectors [B, text_dim].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.models.encoders import EncoderConfig, build_encoder
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "mlp"  # linear | mlp
+    layers: int = 2  # mlp only: 2 or 3 linear layers
+    hidden: int = 512  # mlp hidden width
+    embed_dim: int = 256  # shared embedding space; ignored when the text side is not projected
+    dropout: float = 0.0
+
+
+@dataclass
+class AlignModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    text_dim: int = 384  # all-MiniLM-L6-v2
+    text_projection: bool = True  # trainable linear map of the frozen text embeddings
+    init_temperature: float = 0.07  # CLIP's initial temperature: logit scale 1/0.07
+    max_logit_scale: float = 100.0  # CLIP clamps the scale at 100
+    siglip_bias: float = -10.0  # SigLIP's initial logit bias (used by the sigmoid loss only)
+    mlm_head: bool = False  # predict masked tokens from token features (masked-modeling auxiliary)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlignModelConfig":
+        return cls(encoder=EncoderConfig(**d["encoder"]), head=HeadConfig(**d["head"]),
+                   **{k: v for k, v in d.items() if k not in ("encoder", "head")})
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head.embed_dim if self.text_projection else self.text_dim
+
+
+def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> nn.Module:
+    if cfg.kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if cfg.kind == "mlp":
+        if cfg.layers not in (2, 3):
+            raise ValueError(f"head.layers={cfg.layers}: an mlp head has 2 or 3 layers")
+        dims = [in_dim] + [cfg.hidden] * (cfg.layers - 1)
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.GELU(), nn.Dropout(cfg.dropout)]
+        return nn.Sequential(*mods, nn.Linear(dims[-1], out_dim))
+    raise ValueError(f"unknown head.kind '{cfg.kind}' (expected linear or mlp)")
+
+
+class AlignModel(nn.Module):
+    def __init__(self, cfg: AlignModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.encoder)
+        self.head = build_head(cfg.head, cfg.encoder.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False) if cfg.text_projection else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(cfg.siglip_bias))
+        self.mlm_head = None
+        if cfg.mlm_head:
+            out = cfg.encoder.vocab_size if cfg.encoder.vocab_size else cfg.encoder.n_cont
+            self.mlm_head = nn.Linear(cfg.encoder.width, out)
+
+    def encode_modality(self, batch: dict, masked: torch.Tensor | None = None):
+        """-> normalised embedding (B, D), token features (B, T, W)."""
+        pooled, tokens = self.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"],
+                                      batch["globals"], masked)
+        return F.normalize(self.head(pooled).float(), dim=-1), tokens
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """text (B, text_dim) frozen sentence embeddings -> normalised (B, D)."""
+        if self.text_proj is not None:
+            text = self.text_proj(text)
+        return F.normalize(text.float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def components(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by component, for optimizer groups, gradient norms and parameter counts."""
+        heads = list(self.head.parameters())
+        if self.text_proj is not None:
+            heads += list(self.text_proj.parameters())
+        if self.mlm_head is not None:
+            heads += list(self.mlm_head.parameters())
+        return {"encoder": list(self.encoder.parameters()), "heads": heads,
+                "logit_scale": [self.logit_scale, self.logit_bias]}

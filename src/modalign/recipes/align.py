@@ -1,0 +1,330 @@
+"""The `align` recipe (stage 2): setup -> fit -> test -> write facts -> return the metric.
+
+    modalign train [overrides]                    e.g. modalign train encoder=cnn head=linear
+    python -m modalign.recipes.align [overrides]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modalign.data.paired import PairedData
+from modalign.errors import UserError
+from modalign.recipes.config import check_range, to_container, typed
+from modalign.runs.rundir import RunDir
+
+log = logging.getLogger("modalign")
+
+
+@dataclass
+class EvalSettings:
+    protocol: str = "auto"
+    split: str = "test"
+    export_embeddings: bool = False
+    batch_size: int = 1024
+
+
+@dataclass
+class TextSettings:
+    model: str = "all-MiniLM-L6-v2"
+    precision: str = "auto"
+    batch_size: int = 128
+    cache_dir: str | None = None
+
+
+def headline_protocol(data: PairedData, requested: str) -> str:
+    if requested != "auto":
+        check_range("eval.protocol", requested, choices=("exact_text", "same_facts", "same_label"))
+        return requested
+    if data.facts is not None:
+        return "same_facts"
+    if data.labels is not None:
+        return "same_label"
+    return "exact_text"
+
+
+def load_data(cfg) -> PairedData:
+    """Instantiate cfg.data (its _target_ is a reader or generator); UserErrors pass through."""
+    from hydra.utils import instantiate
+
+    node = to_container(cfg.data, "data")
+    node.pop("name", None)
+    try:
+        return instantiate(node)
+    except Exception as e:  # Hydra wraps the target's exception; surface a UserError as it is
+        cause = e
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        if type(e).__name__ == "InstantiationException":
+            msg = str(e).strip().splitlines()[0]
+            raise UserError(f"config: data: {msg}") from None
+        raise
+
+
+class TextTable:
+    """Every distinct caption and prompt, embedded once; groups = identical text."""
+
+    def __init__(self, data: PairedData, settings: TextSettings, progress: bool):
+        from modalign.models.text_encoder import TextEmbedder
+
+        texts = {}
+        for caps in data.captions:
+            for c in caps:
+                texts.setdefault(c, len(texts))
+        prompts = [p for ps in (data.class_prompts or []) for p in ps]
+        for p in prompts:
+            texts.setdefault(p, len(texts))
+        self.index = texts
+        embedder = TextEmbedder(settings.model, precision=settings.precision, cache_dir=settings.cache_dir,
+                                batch_size=settings.batch_size, progress=progress)
+        self.model_id = embedder.model_id
+        self.embeddings = embedder.embed(list(texts))  # (U, text_dim)
+        self.stats = dict(embedder.stats)
+
+    def rows(self, data: PairedData) -> np.ndarray:
+        """(N, K) table rows of each sample's captions, -1 where a sample has fewer than K."""
+        k = max(len(c) for c in data.captions)
+        out = np.full((len(data), k), -1, np.int64)
+        for i, caps in enumerate(data.captions):
+            out[i, : len(caps)] = [self.index[c] for c in caps]
+        return out
+
+
+class AlignRecipe:
+    def __init__(self, cfg, run: RunDir, progress: bool = True):
+        self.cfg, self.run, self.show_progress = cfg, run, progress
+
+    # setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Config, data, text embeddings and the model: everything training and evaluation share."""
+        import torch
+
+        from modalign.data.batches import PairedTensors
+        from modalign.losses.objective import AlignObjective, LossConfig
+        from modalign.models.align import AlignModel, AlignModelConfig, HeadConfig
+        from modalign.models.encoders import EncoderConfig
+        from modalign.train.loop import TrainerConfig
+        from modalign.train.optim import GroupConfig, OptimConfig
+
+        cfg = self.cfg
+        seed = cfg.seed
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise UserError(f"config: 'seed' must be an integer, got {seed!r}")
+        tcfg = to_container(cfg.trainer, "trainer")
+        optim = tcfg.pop("optim")
+        self.trainer_cfg = typed(TrainerConfig, tcfg, "trainer")
+        t = self.trainer_cfg
+        check_range("trainer.max_steps", t.max_steps, min_value=1)
+        check_range("trainer.batch_size", t.batch_size, min_value=2)
+        check_range("trainer.accumulate", t.accumulate, min_value=1)
+        check_range("trainer.eval_every", t.eval_every, min_value=1)
+        check_range("trainer.log_every", t.log_every, min_value=1)
+        check_range("trainer.checkpoint_every", t.checkpoint_every, min_value=0)
+        check_range("trainer.grad_clip", t.grad_clip, min_value=0)
+        check_range("trainer.threads", t.threads, min_value=0)
+        check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16"))
+        check_range("trainer.monitor_mode", t.monitor_mode, choices=("max", "min"))
+        groups = {k: typed(GroupConfig, optim.pop(k), f"trainer.optim.{k}") for k in ("encoder", "heads", "logit_scale")}
+        self.optim_cfg = typed(OptimConfig, optim, "trainer.optim", groups=groups)
+        for k, g in groups.items():
+            check_range(f"trainer.optim.{k}.lr", g.lr, min_value=0)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(seed)
+
+        log.info("loading data")
+        self.data = load_data(cfg).validate()
+        self.splits = {s: self.data.subset(s) for s in ("train", "val", "test")}
+        self.eval_cfg = typed(EvalSettings, to_container(cfg.eval, "eval"), "eval")
+        check_range("eval.split", self.eval_cfg.split, choices=("train", "val", "test"))
+        self.protocol = headline_protocol(self.data, self.eval_cfg.protocol)
+        self.protocols = [self.protocol] + [p for p in ("exact_text", "same_facts", "same_label")
+                                            if p != self.protocol and self._has_protocol(p)]
+
+        text_cfg = typed(TextSettings, to_container(cfg.text, "text"), "text")
+        check_range("text.precision", text_cfg.precision, choices=("auto", "fp32", "bf16"))
+        self.text = TextTable(self.data, text_cfg, progress=self.show_progress)
+        table = torch.from_numpy(self.text.embeddings)
+        groups_t = torch.arange(len(table))
+        self.tensors = {s: PairedTensors(d, self.text.rows(d), table, groups_t) for s, d in self.splits.items()}
+        if self.data.class_prompts is not None:
+            rows = [(self.text.index[p], k) for k, ps in enumerate(self.data.class_prompts) for p in ps]
+            self.prompt_text = table[torch.tensor([r for r, _ in rows])]
+            self.prompt_class = torch.tensor([k for _, k in rows])
+
+        enc = to_container(cfg.encoder, "encoder")
+        head = to_container(cfg.head, "head")
+        text_projection = head.pop("text_projection", True)
+        loss = to_container(cfg.loss, "loss")
+        init_t, max_scale = loss.pop("init_temperature"), loss.pop("max_logit_scale")
+        self.loss_cfg = typed(LossConfig, loss, "loss")
+        check_range("loss.kind", self.loss_cfg.kind, choices=("clip", "siglip"))
+        check_range("loss.queue_size", self.loss_cfg.queue_size, min_value=0)
+        check_range("loss.mlm_ratio", self.loss_cfg.mlm_ratio, min_value=0.0, max_value=1.0)
+        encoder_cfg = typed(EncoderConfig, enc, "encoder", vocab_size=self.data.vocab_size,
+                            n_cont=self.data.n_cont, n_globals=self.data.n_globals,
+                            max_len=max(512, self.data.seq_len))
+        check_range("encoder.kind", encoder_cfg.kind, choices=("transformer", "cnn"))
+        check_range("encoder.width", encoder_cfg.width, min_value=1)
+        check_range("encoder.depth", encoder_cfg.depth, min_value=1)
+        check_range("encoder.heads", encoder_cfg.heads, min_value=1)
+        check_range("encoder.pooling", encoder_cfg.pooling, choices=("cls", "mean"))
+        check_range("encoder.dropout", encoder_cfg.dropout, min_value=0.0, max_value=1.0)
+        if encoder_cfg.kind == "transformer" and encoder_cfg.width % encoder_cfg.heads:
+            raise UserError(f"config: 'encoder.width'={encoder_cfg.width} is not divisible by "
+                            f"'encoder.heads'={encoder_cfg.heads}")
+        head_cfg = typed(HeadConfig, head, "head")
+        check_range("head.kind", head_cfg.kind, choices=("linear", "mlp"))
+        if head_cfg.kind == "mlp":
+            check_range("head.layers", head_cfg.layers, choices=(2, 3))
+        check_range("head.embed_dim", head_cfg.embed_dim, min_value=1)
+        self.model_cfg = AlignModelConfig(encoder=encoder_cfg, head=head_cfg, text_dim=int(table.shape[1]),
+                                          text_projection=bool(text_projection), init_temperature=init_t,
+                                          max_logit_scale=max_scale, mlm_head=self.loss_cfg.mlm_weight > 0)
+        self.model = AlignModel(self.model_cfg)
+        self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim)
+
+    def setup_training(self) -> None:
+        """The optimizer, schedule, sampler, metrics sink and trainer; records provenance."""
+        from modalign.data.batches import EpochSampler
+        from modalign.runs.rundir import MetricsSink
+        from modalign.train.loop import Trainer
+        from modalign.train.optim import build_optimizer, build_scheduler
+        from modalign.train.progress import TrainProgress
+
+        t, seed = self.trainer_cfg, self.cfg.seed
+        opt = build_optimizer(self.model.components(), self.optim_cfg)
+        sched = build_scheduler(opt, self.optim_cfg, t.max_steps)
+        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed)
+
+        resume = self._resume_payload()
+        keep = int(resume["step"]) if resume is not None else None
+        self.sink = MetricsSink(self.run.metrics_path, keep_until_step=keep)
+        progress = None
+        if self.show_progress:
+            metric = t.monitor.removeprefix("val/")
+            progress = TrainProgress(f"align {self.run.path.name[:40]}", metric)
+        describe = {"model_config": self.model_cfg.to_dict(), "recipe": "align",
+                    "text_model": self.text.model_id}
+        self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
+                               lambda: self.evaluate("val")[0], t, self.run.checkpoints, [self.sink],
+                               describe=describe, progress=progress)
+        self.resume = resume
+        self._write_provenance()
+
+    def _has_protocol(self, p: str) -> bool:
+        return {"exact_text": True, "same_facts": self.data.facts is not None,
+                "same_label": self.data.labels is not None}[p]
+
+    def _resume_payload(self):
+        from modalign.train.checkpoint import load_checkpoint
+
+        last = self.run.checkpoints / "last.pt"
+        if self.cfg.resume is None or not last.exists():
+            return None
+        payload = load_checkpoint(last)
+        log.info("resuming from %s at step %d", last, payload["step"])
+        return payload
+
+    def _write_provenance(self) -> None:
+        import torch
+
+        from modalign.eval.align_eval import PROTOCOL_VERSION
+        from modalign.runs.provenance import code_info, env_info
+
+        params = {k: sum(p.numel() for p in ps) for k, ps in self.model.components().items()}
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.run.update(
+            seed=self.cfg.seed,
+            variant={"name": f"head={self.model_cfg.head.kind}", "created_by": "modalign", "model": None,
+                     "date": None, "experiment_id": None, "version": code_info()["package_version"]},
+            code=code_info(),
+            env=env_info(torch.__version__, "cpu", torch.get_num_threads()),
+            data={"name": self.cfg.data.name, "source": self.data.source,
+                  "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
+            text={"model": self.text.model_id, "cache": self.text.stats},
+            parents=[],
+            eval={"protocol": self.protocol, "protocols": self.protocols, "version": PROTOCOL_VERSION,
+                  "split": self.eval_cfg.split},
+            params={"total": sum(params.values()), "trainable": trainable, "by_component": params},
+        )
+
+    # evaluate ---------------------------------------------------------------------------------
+    def evaluate(self, split: str):
+        """-> (metrics, per-example columns, modality (N, D), text (N, D)) on one split."""
+        from modalign.eval.align_eval import class_embeddings, embed_split, evaluate_embeddings
+
+        data = self.splits[split]
+        m, t = embed_split(self.model, self.tensors[split], self.eval_cfg.batch_size)
+        groups = {p: data.group_ids(p) for p in self.protocols}
+        class_text = None
+        if self.data.class_prompts is not None and data.labels is not None:
+            class_text = class_embeddings(self.model, self.prompt_text, self.prompt_class,
+                                          len(self.data.class_prompts))
+        metrics, per_example = evaluate_embeddings(m, t, groups, self.protocol, class_text, data.labels)
+        metrics["logit_scale"] = float(self.model.scale())
+        return metrics, per_example, m, t
+
+    # fit / test / facts -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        try:
+            return self.trainer.fit(self.resume)
+        finally:
+            self.sink.close()
+
+    def test(self) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+        from modalign.train.checkpoint import load_checkpoint
+
+        best = self.run.checkpoints / "best.pt"
+        if best.exists():
+            self.model.load_state_dict(load_checkpoint(best)["model"])
+        return self.evaluate(self.eval_cfg.split)
+
+    def write_facts(self, fit: dict, test: tuple, wall: float) -> dict:
+        from modalign.runs.facts import write_run_facts
+
+        metrics, per_example, m, t = test
+        split = self.eval_cfg.split
+        return write_run_facts(self.run, split, metrics, per_example, self.splits[split],
+                               m, t, self.eval_cfg.export_embeddings, fit, wall, self.chance(split))
+
+    def chance(self, split: str) -> dict[str, float]:
+        """R@1 of a random ranking under each protocol, and zero-shot accuracy of a random guess."""
+        from modalign.eval.retrieval import chance_recall_at_1
+
+        data, out = self.splits[split], {}
+        for p in self.protocols:
+            r1 = chance_recall_at_1(data.group_ids(p))
+            prefix = "" if p == self.protocol else f"{p}/"
+            out[f"{prefix}m2t_R@1"] = out[f"{prefix}t2m_R@1"] = r1
+        if self.data.class_prompts is not None and data.labels is not None:
+            out["zeroshot_acc"] = 1.0 / len(self.data.class_prompts)
+        return out
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.setup()
+        self.setup_training()
+        fit = self.fit()
+        test = self.test()
+        summary = self.write_facts(fit, test, time.perf_counter() - t0)
+        return summary["test"][self.trainer_cfg.monitor.removeprefix("val/")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m modalign.recipes.align [overrides] — the same as `modalign train`."""
+    from modalign.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Compose the Hydra config and turn its nodes into typed dataclasses, with one-line errors.
+
+Components take dataclasses and never see OmegaConf; this module is the edge where config becomes
+objects, and where a bad key or value becomes a UserError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from modalign.errors import UserError
+
+
+def compose(overrides: list[str], config_name: str = "config"):
+    """The fully composed (not yet resolved) config for `overrides`, from the package's conf/."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("modalign.conf", version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(f"config: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def to_container(node, key: str) -> dict:
+    """Resolve a config node into plain python, naming the key of any missing or bad value."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        full = f"{key}.{e.full_key}" if key and e.full_key else (e.full_key or key)
+        raise UserError(f"config: '{full}' is required and has no value (set it: {full}=...)") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"config: {key}: {_first_line(e)}") from None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"config: '{key}' must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"config: '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config: '{key}' must be a mapping, got {value!r}")
+        return typed(tp, value, key)
+    return value
+
+
+def typed(cls, values: dict, key: str, **extra):
+    """Build dataclass `cls` from a plain dict, checking names and types. `extra` adds fields that
+    do not come from the config (e.g. sizes read from the data)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise UserError(f"config: unknown key '{key}.{name}' (known: {known})")
+        kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+def check_range(key: str, value, *, min_value=None, max_value=None, choices=None) -> None:
+    if choices is not None and value not in choices:
+        raise UserError(f"config: '{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
+    if min_value is not None and value < min_value:
+        raise UserError(f"config: '{key}' is {value!r}; it must be >= {min_value}")
+    if max_value is not None and value > max_value:
+        raise UserError(f"config: '{key}' is {value!r}; it must be <= {max_value}")

@@ -1,0 +1,77 @@
+"""Figures of one run, from metrics.jsonl rows and embeddings. matplotlib only, no torch."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: list[dict], split: str) -> dict[str, tuple[list, list]]:
+    out: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for r in rows:
+        if r["split"] == split:
+            out[r["name"]][0].append(r["step"])
+            out[r["name"]][1].append(r["value"])
+    return out
+
+
+def plot_run_curves(rows: list[dict], out_dir: Path) -> list[Path]:
+    """loss.png: the train loss terms; metrics.png: validation retrieval metrics over steps."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    train = _series(rows, "train")
+    loss_names = [n for n in train if n == "loss" or n.startswith(("clip", "siglip", "queue", "mlm"))]
+    if loss_names:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        for n in loss_names:
+            ax[0].plot(*train[n], label=n, lw=1.5 if n == "loss" else 1)
+        ax[0].set(xlabel="step", ylabel="loss", title="training loss terms")
+        ax[0].legend(fontsize=8)
+        if "temperature" in train:
+            ax[1].plot(*train["temperature"], color="tab:purple")
+            ax[1].set(xlabel="step", ylabel="temperature", title="learned temperature (1 / logit scale)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "loss.png")
+    val = _series(rows, "val")
+    names = [n for n in val if ("R@" in n or n == "zeroshot_acc" or n.endswith("mAP"))]
+    if names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n in names:
+            ax.plot(*val[n], marker="o", ms=3, label=n, ls="--" if "/" in n else "-")
+        ax.set(xlabel="step", ylabel="value", title="validation metrics", ylim=(0, 1))
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / "metrics.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "metrics.png")
+    return written
+
+
+def plot_similarity(modality: np.ndarray, text: np.ndarray, path: Path, title: str) -> Path:
+    """Heatmap of cosine similarities, modality (n, D) rows x text (n, D) columns; the diagonal
+    holds the true pairs."""
+    plt = _plt()
+    s = modality @ text.T  # (n, n)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(s, cmap="viridis")
+    ax.set(xlabel="caption", ylabel="sensor window", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,85 @@
+"""Find run directories under a root and read what they say. No torch, no Hydra."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modalign.errors import UserError
+from modalign.runs.card import flatten
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    info: dict
+    summary: dict | None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "?")
+
+    def metric(self, name: str):
+        """A test metric by name ("m2t_R@1" or "test/m2t_R@1"), or None."""
+        if self.summary is None:
+            return None
+        split, _, leaf = name.rpartition("/") if name.startswith(("test/", "val/", "train/")) else ("test", "", name)
+        if split == "test" and leaf in self.summary.get("test", {}):
+            return self.summary["test"][leaf]
+        entry = self.summary.get("metrics", {}).get(f"{split}/{leaf}")
+        return None if entry is None else entry["best"]
+
+    def field(self, key: str):
+        """A value by dotted key from run.json (e.g. status, data.name) or the config (head.kind)."""
+        flat = flatten(self.info)
+        if key in flat:
+            return flat[key]
+        return flatten(self.config).get(key)
+
+
+def find_runs(root: Path) -> list[RunRecord]:
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: no such directory")
+    paths = [root] if (root / "run.json").exists() else sorted(p.parent for p in root.rglob("run.json"))
+    records = []
+    for p in paths:
+        try:
+            info = json.loads((p / "run.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        summary = None
+        if (p / "facts" / "summary.json").exists():
+            try:
+                summary = json.loads((p / "facts" / "summary.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                summary = None
+        config = {}
+        if (p / "cfg.yaml").exists():
+            import yaml
+
+            try:
+                config = yaml.safe_load((p / "cfg.yaml").read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                config = {}
+        records.append(RunRecord(p, info, summary, config))
+    return records
+
+
+def parse_where(items: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for it in items:
+        if "=" not in it:
+            raise UserError(f"--where '{it}': expected KEY=VALUE, e.g. --where head.kind=mlp")
+        k, v = it.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def select(records: list[RunRecord], where: list[tuple[str, str]]) -> list[RunRecord]:
+    def ok(r: RunRecord) -> bool:
+        return all(str(r.field(k)).lower() == v.lower() for k, v in where)
+
+    return [r for r in records if ok(r)]

@@ -1,0 +1,158 @@
+"""The run directory: layout, atomic writes, status, and the metrics sink. No torch.
+
+    outputs/runs/<YYYYmmdd-HHMMSS>_<recipe>_<name>/
+        cfg.yaml overrides.yaml run.json run.log metrics.jsonl card.md
+        facts/{summary.json, scores.parquet, embeddings.npz}  figures/*.png  checkpoints/
+
+See docs/run-directory.md for the contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+def new_run_path(root: Path, recipe: str, name: str) -> Path:
+    """Create and return a fresh run dir under root/runs; never reuses an existing directory."""
+    base = Path(root) / "runs"
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"{stamp}_{recipe}_{_slug(name)}"
+    for i in range(1000):
+        path = base / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run directory under {base}")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def facts(self) -> Path:
+        return self.path / "facts"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    def init_dirs(self) -> None:
+        for d in (self.checkpoints, self.facts, self.figures):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def info(self) -> dict:
+        return read_json(self.run_json)
+
+    def write_info(self, info: dict) -> None:
+        atomic_write_json(self.run_json, info)
+
+    def update(self, **fields) -> dict:
+        info = self.info()
+        info.update(fields)
+        self.write_info(info)
+        return info
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        assert status in STATUSES
+        fields = {"status": status, "error": error}
+        if status != "running":
+            fields["finished_at"] = now_iso()
+        self.update(**fields)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: everything after it is gone too
+        return rows
+
+
+class MetricsSink:
+    """Appends {"step","epoch","split","name","value","time"} lines to metrics.jsonl."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = Path(path)
+        if keep_until_step is not None:
+            self.truncate(keep_until_step)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def truncate(self, step: int) -> None:
+        """Keep only points at or before `step` (a resumed run rewrites what came after its checkpoint)."""
+        rows = RunDir(self.path.parent).read_metrics() if self.path.exists() else []
+        kept = [r for r in rows if r["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None:
+        t = time.time()
+        lines = [json.dumps({"step": step, "epoch": epoch, "split": split, "name": k, "value": float(v),
+                             "time": round(t, 3)}) for k, v in values.items()]
+        self._f.write("\n".join(lines) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,211 @@
+"""The training loop. It knows no file format: metrics go to sinks, state to checkpoints.
+
+    trainer = Trainer(model, objective, optimizer, scheduler, sampler, evaluate, cfg, ckpt_dir, sinks)
+    trainer.fit(resume=payload_or_None)
+
+objective(batch) -> dict of named loss terms, with "loss" the one that is minimised;
+sampler.batch(micro_step) -> batch dict; evaluate() -> dict of validation metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from modalign.train import checkpoint as ckpt
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 250  # quality comparisons use fixed step counts, not wall-clock budgets
+    batch_size: int = 256  # the contrastive batch: each sample's negatives are the other 255
+    accumulate: int = 1  # micro-batches per optimizer step; each micro-batch is its own contrastive batch
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where the CPU has bf16 units: ~2.3x faster here)
+    eval_every: int = 50  # steps between validation passes (and last.pt writes)
+    log_every: int = 10  # steps between train-metric points
+    checkpoint_every: int = 0  # also keep step_<n>.pt every n steps; 0 = only best.pt and last.pt
+    keep_checkpoints: int = 3  # step_<n>.pt files kept
+    monitor: str = "val/m2t_R@1"  # metric that picks best.pt and drives early stopping
+    monitor_mode: str = "max"  # max | min
+    early_stop_patience: int = 0  # validation passes without improvement before stopping; 0 = off
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+class Sink(Protocol):
+    def log(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None: ...
+
+
+def bf16_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision='{precision}' (expected fp32, bf16 or auto)")
+    return precision
+
+
+def grad_norms(components: dict[str, list[nn.Parameter]]) -> dict[str, float]:
+    """L2 norm of the gradient of each component's parameters (0 where no gradient)."""
+    out = {}
+    for name, params in components.items():
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        out[name] = float(torch.stack(grads).norm()) if grads else 0.0
+    return out
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, sampler, evaluate: Callable[[], dict[str, float]], cfg: TrainerConfig,
+                 ckpt_dir: Path | None, sinks: list[Sink], describe: dict | None = None,
+                 progress=None):
+        self.model, self.objective, self.opt, self.sched = model, objective, optimizer, scheduler
+        self.sampler, self.evaluate, self.cfg = sampler, evaluate, cfg
+        self.ckpt_dir, self.sinks, self.describe = ckpt_dir, sinks, describe or {}
+        self.progress = progress  # modalign.train.progress.TrainProgress or None
+        self.precision = resolve_precision(cfg.precision)
+        self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
+        self.stopped_early = False
+
+    # state ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            **self.describe,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": ckpt.rng_state(),
+            "step": self.step,
+            "epoch": self.sampler.epoch_of(self.step),
+            "trainer": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals},
+        }
+
+    def load_state(self, payload: dict) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.objective.load_state_dict(payload["objective"])
+        self.opt.load_state_dict(payload["optimizer"])
+        self.sched.load_state_dict(payload["scheduler"])
+        ckpt.set_rng_state(payload["rng"])
+        self.step = int(payload["step"])
+        t = payload["trainer"]
+        self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], int(t["bad_evals"])
+
+    def _save(self, name: str, metric: float | None = None) -> None:
+        if self.ckpt_dir is not None:
+            ckpt.save_checkpoint(self.ckpt_dir, name, self.state(), step=self.step, metric=metric)
+
+    # loop -------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self) -> dict[str, float]:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        acc = self.cfg.accumulate
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(acc):
+            batch = self.sampler.batch(self.step * acc + micro)
+            with self._autocast():
+                terms = self.objective(self.model, batch)
+            (terms["loss"] / acc).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / acc
+        bad = [k for k, v in totals.items() if not torch.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"loss term '{bad[0]}' is not finite at step {self.step + 1}")
+        components = self.model.components()
+        norms = grad_norms(components)
+        if not all(math.isfinite(v) for v in norms.values()):
+            which = next(k for k, v in norms.items() if not math.isfinite(v))
+            raise NonFiniteLoss(f"gradient of component '{which}' is not finite at step {self.step + 1}")
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        out = {k: float(v) for k, v in totals.items()}
+        out.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        for g in self.opt.param_groups:
+            out[f"lr/{g['name']}"] = g["lr"]
+        out["temperature"] = float(1.0 / self.model.scale())
+        return out
+
+    def _log(self, split: str, values: dict[str, float]) -> None:
+        epoch = self.sampler.epoch_of(max(self.step - 1, 0))
+        for sink in self.sinks:
+            sink.log(self.step, epoch, split, values)
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.cfg.monitor_mode == "max" else value < self.best
+
+    def _validate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        self._log("val", metrics)
+        key = self.cfg.monitor.removeprefix("val/")
+        if key not in metrics:
+            raise KeyError(f"trainer.monitor='{self.cfg.monitor}' is not a validation metric "
+                           f"(have: {', '.join(sorted(metrics))})")
+        value = metrics[key]
+        if self._improved(value):
+            self.best, self.best_step, self.bad_evals = value, self.step, 0
+            self._save("best.pt", metric=value)
+        else:
+            self.bad_evals += 1
+        return metrics
+
+    def fit(self, resume: dict | None = None) -> dict:
+        if resume is not None:
+            self.load_state(resume)
+        cfg = self.cfg
+        if self.progress:
+            self.progress.start(cfg.max_steps, self.step)
+        t_start = time.perf_counter()
+        last_val: dict[str, float] = {}
+        while self.step < cfg.max_steps:
+            values = self._train_step()
+            if self.step % cfg.log_every == 0 or self.step == 1:
+                self._log("train", values)
+            at_end = self.step == cfg.max_steps
+            if self.step % cfg.eval_every == 0 or at_end:
+                last_val = self._validate()
+                stop = cfg.early_stop_patience > 0 and self.bad_evals >= cfg.early_stop_patience
+                if stop:
+                    self.stopped_early = True
+                self._save("last.pt")
+                if stop:
+                    break
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self._save(f"step_{self.step}.pt")
+                ckpt.prune_step_checkpoints(self.ckpt_dir, cfg.keep_checkpoints)
+            if self.progress:
+                self.progress.update(self.step, values["loss"], last_val.get(cfg.monitor.removeprefix("val/")))
+        if self.progress:
+            self.progress.stop()
+        return {"steps": self.step, "best": self.best, "best_step": self.best_step,
+                "stopped_early": self.stopped_early, "train_seconds": time.perf_counter() - t_start,
+                "precision": self.precision}
