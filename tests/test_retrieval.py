@@ -63,7 +63,8 @@ def test_matches_brute_force_with_ties(seed, block_size):
 @pytest.mark.parametrize("block_size", [1, 5, 16, 100])
 def test_matches_brute_force_more_gallery_groups(block_size):
     # Many groups, so some queries have exactly one relevant item; Nq > Ng.
-    query, gallery, query_groups, gallery_groups = tied_problem(11, n_query=50, n_gallery=30, dim=3, n_groups=12)
+    problem = tied_problem(11, n_query=50, n_gallery=30, dim=3, n_groups=12)
+    query, gallery, query_groups, gallery_groups = problem
     expected_rank, expected_ap = brute_force_ranks(query, gallery, query_groups, gallery_groups)
     result = retrieval_ranks(query, gallery, query_groups, gallery_groups, block_size=block_size)
     np.testing.assert_array_equal(result["rank"], expected_rank)
@@ -94,6 +95,28 @@ def test_hand_example_single_query():
     result = retrieval_ranks(query, gallery, np.array([0]), np.array([1, 0, 0, 1, 0]))
     assert result["rank"].tolist() == [3]
     assert result["ap"][0] == pytest.approx(43 / 90)
+
+
+@pytest.mark.parametrize("score", [1.0, -1.0, 0.75, 2.0**-140, -(2.0**-149), 3e38])
+def test_adjacent_float32_scores_are_not_ties(score):
+    # Gallery scores: s (relevant) and the next float32 below s (irrelevant) -> relevant first, rank 1.
+    # Swapped groups -> the relevant item is second, rank 2, AP 1/2.
+    s = np.float32(score)
+    below = np.nextafter(s, np.float32(-np.inf))
+    gallery = np.array([[below], [s]], dtype=np.float32)
+    result = retrieval_ranks(np.ones((1, 1), np.float32), gallery, np.array([0]), np.array([1, 0]))
+    assert result["rank"].tolist() == [1]
+    result = retrieval_ranks(np.ones((1, 1), np.float32), gallery, np.array([1]), np.array([1, 0]))
+    assert result["rank"].tolist() == [2] and result["ap"][0] == 0.5
+
+
+def test_signed_zero_scores_tie():
+    # Scores +0.0 and -0.0 are equal, so the relevant one ranks second whichever it is.
+    gallery = np.array([[0.0], [-0.0]], dtype=np.float32)
+    for query_group in (0, 1):
+        query = np.ones((1, 1), np.float32)
+        result = retrieval_ranks(query, gallery, np.array([query_group]), np.array([0, 1]))
+        assert result["rank"].tolist() == [2]
 
 
 def test_hand_example_bidirectional():

@@ -22,6 +22,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _groups_epilog() -> str:
+    """The config groups and their options, read from the package's conf/ folder (no Hydra import)."""
+    conf = Path(__file__).resolve().parent / "conf"
+    lines = ["config groups (choose with GROUP=OPTION; set values with GROUP.KEY=VALUE):"]
+    for g in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = sorted(f.stem for f in g.glob("*.yaml"))
+        if options:
+            lines.append(f"  {g.name:<10} {', '.join(options)}")
+    lines.append("top-level keys: name, seed, outputs, resume, eval.protocol, eval.split, eval.export_embeddings")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modalign", description="A workbench for cross-modal alignment research.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -31,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     d.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.max_steps=100")
 
-    t = sub.add_parser("train", help="train a recipe: modalign train [--recipe align] [overrides]")
+    t = sub.add_parser("train", help="train a recipe: modalign train [--recipe align] [overrides]",
+                       epilog=_groups_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--recipe", default="align", choices=["align"], help="which recipe (default: align)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     t.add_argument("overrides", nargs="*",
@@ -95,7 +108,12 @@ def _new_run(overrides: list[str], recipe: str):
 
     cfg = compose(overrides)
     resolved = to_container(cfg, "")  # every missing or bad value fails here, before a run dir exists
-    defaults = to_container(compose([o for o in overrides if o.split("=")[0].lstrip("+~") in ("data",)]), "")
+    # the defaults of the same data group, so the card's diff shows what the user changed
+    defaults = to_container(compose([o for o in overrides if o.split("=")[0] == "data"]), "", throw_on_missing=False)
+    known = set(to_container(compose([]), "")) if any(o.startswith("+") for o in overrides) else set(resolved)
+    extra = sorted(set(resolved) - known)
+    if extra:
+        raise UserError(f"config: unknown key '{extra[0]}'")
     for key in ("outputs", "name"):
         if not isinstance(resolved.get(key), str) or not resolved[key]:
             raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")
@@ -160,6 +178,7 @@ def execute(cfg, run, quiet: bool):
     import shutil
 
     from modalign.recipes.align import AlignRecipe
+    from modalign.runs.card import write_card
     from modalign.runs.rundir import read_json
 
     handler = _attach_log(run.path)
@@ -170,7 +189,9 @@ def execute(cfg, run, quiet: bool):
     try:
         recipe()
         run.set_status("completed")
-        return 0, read_json(run.facts / "summary.json")
+        summary = read_json(run.facts / "summary.json")
+        write_card(run, summary)  # again, now that run.json says completed
+        return 0, summary
     except UserError as e:
         log.error("%s", e)
         if cfg.resume is None and not trained():
@@ -290,7 +311,8 @@ def cmd_runs(args) -> int:
 
     from modalign.runs.index import find_runs, parse_where, select
 
-    records = select(find_runs(Path(args.root)), parse_where(args.where))
+    where = parse_where(args.where)
+    records = select(find_runs(Path(args.root)), where)
     if args.sort:
         records.sort(key=lambda r: (r.metric(args.sort) is None, -(r.metric(args.sort) or 0.0)))
     table = Table(title=f"runs under {args.root} ({len(records)})")

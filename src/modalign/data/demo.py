@@ -97,55 +97,56 @@ DURATIONS = ("short", "long")
 
 # Per activity: rooms it happens in (with weights), how often it opens a window, time-of-day
 # plausibility (morning, afternoon, evening, night), duration ranges in minutes (short, long),
-# motion activations = a + b * log2(minutes), and the event template. Template steps:
+# motion activations = a + b * log2(minutes), the chance that the key appliance is used and sensed
+# at all (a microwave instead of the stove, a laptop on the sofa), and the event template. Steps:
 #   ("move", share[, sensors])  a share of the motion activations, in the room or on given sensors
 #   ("tok", p, [tokens])        these tokens, together, with probability p
 _SPEC: dict[str, dict[str, Any]] = {
     "cook": dict(rooms={"kitchen": 1.0}, prior=1.2, tod=(0.4, 0.1, 0.5, 0.0),
-                 minutes=((6, 15), (25, 60)), motion=(0.5, 1.5),
+                 minutes=((6, 18), (15, 60)), motion=(0.5, 1.5), signature=(0.85, "E001"),
                  steps=[("move", 0.3), ("tok", 0.8, ["D002 OPEN", "D002 CLOSE"]), ("tok", 1.0, ["E001 ON"]),
                         ("move", 0.4), ("tok", 0.6, ["D003 OPEN", "D003 CLOSE"]),
                         ("tok", 0.25, ["E005 ON", "E005 OFF"]), ("move", 0.3), ("tok", 1.0, ["E001 OFF"])]),
     "eat": dict(rooms={"dining area": 0.8, "living room": 0.2}, prior=1.0, tod=(0.35, 0.15, 0.5, 0.0),
-                minutes=((8, 18), (25, 60)), motion=(0.0, 1.2),
+                minutes=((8, 20), (18, 60)), motion=(0.0, 1.2),
                 steps=[("tok", 0.6, ["M008 ON", "M008 OFF", "D003 OPEN", "D003 CLOSE"]),
                        ("tok", 0.4, ["D002 OPEN", "D002 CLOSE"]), ("move", 1.0)]),
     "wash_dishes": dict(rooms={"kitchen": 1.0}, prior=0.8, tod=(0.35, 0.15, 0.5, 0.0),
-                        minutes=((4, 10), (15, 35)), motion=(0.5, 1.3),
+                        minutes=((4, 12), (10, 35)), motion=(0.5, 1.3), signature=(0.9, "E005"),
                         steps=[("move", 0.3), ("tok", 1.0, ["E005 ON"]), ("move", 0.4), ("tok", 1.0, ["E005 OFF"]),
                                ("tok", 0.8, ["D003 OPEN", "D003 CLOSE"]), ("move", 0.3),
                                ("tok", 0.3, ["E005 ON", "E005 OFF"])]),
     "sleep": dict(rooms={"bedroom": 1.0}, prior=1.0, tod=(0.0, 0.1, 0.0, 0.9),
-                  minutes=((20, 60), (240, 540)), motion=(0.5, 0.6),
+                  minutes=((20, 70), (240, 540)), motion=(0.5, 0.6),
                   steps=[("tok", 0.5, ["D007 OPEN", "D007 CLOSE"]), ("move", 0.3, ["M012", "M013"]),
                          ("tok", 0.7, ["D005 CLOSE"]), ("move", 0.7, ["M014"])]),
     "bathe": dict(rooms={"bathroom": 1.0}, prior=0.8, tod=(0.6, 0.0, 0.3, 0.1),
-                  minutes=((6, 15), (20, 45)), motion=(0.5, 1.2),
+                  minutes=((6, 18), (15, 45)), motion=(0.5, 1.2), signature=(0.9, "E003"),
                   steps=[("tok", 0.9, ["D004 OPEN", "D004 CLOSE"]), ("move", 0.3), ("tok", 1.0, ["E003 ON"]),
                          ("move", 0.4, ["M016"]), ("tok", 1.0, ["E003 OFF"]), ("move", 0.3),
                          ("tok", 0.9, ["D004 OPEN", "D004 CLOSE"])]),
     "groom": dict(rooms={"bathroom": 1.0}, prior=0.8, tod=(0.6, 0.0, 0.2, 0.2),
-                  minutes=((2, 5), (8, 20)), motion=(1.0, 1.3),
+                  minutes=((2, 6), (5, 20)), motion=(1.0, 1.3), signature=(0.85, "E006"),
                   steps=[("tok", 0.9, ["D004 OPEN", "D004 CLOSE"]), ("move", 0.3, ["M015"]),
                          ("tok", 1.0, ["E006 ON", "E006 OFF"]), ("tok", 0.5, ["D006 OPEN", "D006 CLOSE"]),
                          ("move", 0.7), ("tok", 0.4, ["E006 ON", "E006 OFF"]),
                          ("tok", 0.9, ["D004 OPEN", "D004 CLOSE"])]),
     "watch_tv": dict(rooms={"living room": 1.0}, prior=1.2, tod=(0.0, 0.25, 0.6, 0.15),
-                     minutes=((12, 30), (50, 180)), motion=(0.0, 1.2),
+                     minutes=((12, 35), (30, 180)), motion=(0.0, 1.2), signature=(0.85, "E002"),
                      steps=[("move", 0.3), ("tok", 1.0, ["E002 ON"]), ("move", 0.7, ["M003", "M004"]),
                             ("tok", 1.0, ["E002 OFF"])]),
     "relax": dict(rooms={"living room": 0.7, "bedroom": 0.3}, prior=1.0, tod=(0.1, 0.5, 0.4, 0.0),
-                  minutes=((10, 25), (40, 120)), motion=(0.0, 1.2),
+                  minutes=((10, 30), (25, 120)), motion=(0.0, 1.2),
                   steps=[("move", 0.4), ("tok", 0.7, ["E007 ON"]), ("move", 0.6), ("tok", 0.5, ["E007 OFF"])]),
     "work": dict(rooms={"office": 1.0}, prior=1.0, tod=(0.45, 0.5, 0.05, 0.0),
-                 minutes=((15, 40), (80, 240)), motion=(0.0, 1.3),
+                 minutes=((15, 45), (40, 240)), motion=(0.0, 1.3), signature=(0.85, "E004"),
                  steps=[("move", 0.3), ("tok", 1.0, ["E004 ON"]), ("move", 0.7, ["M018"]), ("tok", 1.0, ["E004 OFF"])]),
     "leave_home": dict(rooms={"entrance": 1.0}, prior=0.9, tod=(0.6, 0.3, 0.1, 0.0),
-                       minutes=((1, 3), (5, 12)), motion=(1.5, 1.0),
+                       minutes=((1, 4), (3, 12)), motion=(1.5, 1.0),
                        steps=[("move", 0.4, ["M005", "M011"]), ("move", 0.6), ("tok", 0.4, ["D001 OPEN", "D001 CLOSE"]),
                               ("tok", 1.0, ["D001 OPEN", "D001 CLOSE"])]),
     "come_home": dict(rooms={"entrance": 1.0}, prior=0.9, tod=(0.0, 0.4, 0.6, 0.0),
-                      minutes=((1, 3), (5, 12)), motion=(1.5, 1.0),
+                      minutes=((1, 4), (3, 12)), motion=(1.5, 1.0),
                       steps=[("tok", 1.0, ["D001 OPEN", "D001 CLOSE"]), ("move", 0.6),
                              ("tok", 0.3, ["D001 OPEN", "D001 CLOSE"]), ("move", 0.4, ["M005", "M003"])]),
 }
@@ -183,7 +184,7 @@ VERB_PHRASES = {
     "eat": (("eats", "has a meal", "eats a meal"), ("eating", "having a meal")),
     "wash_dishes": (("washes the dishes", "does the dishes", "cleans the dishes"),
                     ("washing the dishes", "doing the dishes")),
-    "sleep": (("sleeps", "is asleep", "sleeps in bed"), ("sleeping", "being asleep")),
+    "sleep": (("sleeps", "is asleep", "sleeps in bed"), ("sleeping", "sleeping in bed")),
     "bathe": (("takes a shower", "showers", "bathes"), ("taking a shower", "showering", "bathing")),
     "groom": (("freshens up", "brushes their teeth", "washes up at the sink"),
               ("freshening up", "brushing their teeth", "grooming")),
@@ -261,9 +262,10 @@ def make_demo_data(n_train: int = 8000, n_val: int = 1000, n_test: int = 1000, s
         globals [N, 3], labels = first activity, facts, class prompts and the sensor vocabulary.
     """
     _check_args(n_train, n_val, n_test, seed, difficulty, captions_per_sample, max_events)
+    n_train, n_val, n_test, seed, captions_per_sample, T = (
+        int(x) for x in (n_train, n_val, n_test, seed, captions_per_sample, max_events))
     rates = DIFFICULTIES[difficulty]
     n = n_train + n_val + n_test
-    T = int(max_events)
     rng = np.random.default_rng(seed)
 
     # window-level draws, vectorised
@@ -331,7 +333,7 @@ def _check_args(n_train, n_val, n_test, seed, difficulty, captions_per_sample, m
             raise UserError(f"demo data: {key} must be a positive integer (every split needs a sample), got {value!r}")
     if not is_int(seed) or seed < 0:
         raise UserError(f"demo data: seed must be a non-negative integer, got {seed!r}")
-    if difficulty not in DIFFICULTIES:
+    if not isinstance(difficulty, str) or difficulty not in DIFFICULTIES:
         raise UserError(f"demo data: unknown difficulty {difficulty!r} (expected one of {', '.join(DIFFICULTIES)})")
     if not is_int(captions_per_sample) or not 1 <= captions_per_sample <= _MAX_CAPTIONS:
         raise UserError(f"demo data: captions_per_sample must be an integer in 1..{_MAX_CAPTIONS}, "
@@ -386,6 +388,11 @@ def _render_activity(rng: np.random.Generator, act: str, room: str, tod: str, lo
             k = max(1, round(step[1] * n_act)) if step[1] >= 0.5 else round(step[1] * n_act)
             for s in rng.integers(0, len(sensors), size=k):
                 toks += [f"{sensors[s]} ON", f"{sensors[s]} OFF"]
+    if "signature" in spec and rng.random() >= spec["signature"][0]:
+        toks = [t for t in toks if not t.startswith(spec["signature"][1])]
+    if not toks:
+        s = _MOTION[room][rng.integers(0, len(_MOTION[room]))]
+        toks = [f"{s} ON", f"{s} OFF"]
     if act == "leave_home" and dark and rng.random() < 0.7:
         toks.insert(max(0, len(toks) - 2), "L001 OFF")
     ids = [_ID[t] for t in toks]

@@ -26,7 +26,7 @@ def _as_embeddings(x: np.ndarray, name: str) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
+        raise ValueError(f"{name} must be a numeric array, got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf (after casting to float32)")
@@ -63,24 +63,25 @@ def _block_scores(query_block: np.ndarray, unique: np.ndarray, inverse: np.ndarr
     return scores if inverse is None else scores[:, inverse]  # (B, Ng)
 
 
-def _count_at_least(sorted_rows: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """For each i, how many entries of sorted_rows[rows[i]] are >= values[i].
+def _relevance_in_ranking_order(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Whether the item at each position of each query's pessimistic ranking is relevant.
 
-    sorted_rows [B, Ng] ascending along axis 1, rows [R] int, values [R]. A vectorised binary
-    search (row-wise np.searchsorted, side="left"), exact on the float32 values.
+    scores [B, Ng] float32, relevant [B, Ng] bool -> [B, Ng] bool, column j = position j + 1.
+
+    Sorting keys are the float32 scores widened to float64, with each relevant score nudged down by
+    |s| * 2**-30 + 2**-160: less than the gap to the next lower float32 (>= |s| * 2**-24, or 2**-149
+    near zero), so a relevant item still beats every lower score but loses every tie, and its key is
+    no longer a float32 value, which marks it relevant after the sort. Exact for finite scores.
     """
-    n = sorted_rows.shape[1]
-    lo = np.zeros(rows.shape[0], dtype=np.int64)
-    hi = np.full(rows.shape[0], n, dtype=np.int64)
-    active = lo < hi
-    while active.any():
-        mid = (lo + hi) // 2
-        below = np.zeros_like(active)
-        below[active] = sorted_rows[rows[active], mid[active]] < values[active]
-        lo = np.where(active & below, mid + 1, lo)
-        hi = np.where(active & ~below, mid, hi)
-        active = lo < hi
-    return n - lo
+    keys = scores.astype(np.float64)  # (B, Ng)
+    del scores  # the caller passes a temporary; free it before the sort
+    rows, cols = np.nonzero(relevant)
+    relevant_scores = keys[rows, cols]  # (R,)
+    if not np.isfinite(relevant_scores).all():
+        raise ValueError("a relevant score overflowed float32; are the embeddings L2-normalised?")
+    keys[rows, cols] = relevant_scores - (np.abs(relevant_scores) * 2.0**-30 + 2.0**-160)
+    keys.sort(axis=1)
+    return (keys != keys.astype(np.float32))[:, ::-1]  # descending: best score first
 
 
 def retrieval_ranks(
@@ -130,27 +131,14 @@ def retrieval_ranks(
     ap = np.empty(n_query, dtype=np.float64)
     for start in range(0, n_query, block_size):
         stop = min(start + block_size, n_query)
-        scores = _block_scores(query[start:stop], unique, inverse)  # (B, Ng)
         relevant = query_groups[start:stop, None] == gallery_groups[None, :]  # (B, Ng)
-        rows, cols = np.nonzero(relevant)  # (R,), grouped by row
-        rel_scores = scores[rows, cols]  # (R,)
-
-        # Sorted irrelevant scores per row; relevant slots become -inf, below every finite score.
-        scores[relevant] = -np.inf
-        scores.sort(axis=1)
-        irrelevant_at_least = _count_at_least(scores, rows, rel_scores)  # (R,)
-
-        # k = position of each relevant item among its row's relevant items, best first; the order
-        # among tied relevant items does not change the AP sum.
-        order = np.lexsort((-rel_scores, rows))
-        rows, irrelevant_at_least = rows[order], irrelevant_at_least[order]
+        in_order = _relevance_in_ranking_order(_block_scores(query[start:stop], unique, inverse), relevant)
+        rows, positions = np.nonzero(in_order)  # (R,), positions 0-based
         n_relevant = np.bincount(rows, minlength=stop - start)  # (B,)
         row_start = np.concatenate(([0], np.cumsum(n_relevant)[:-1]))  # (B,)
-        k = np.arange(rows.shape[0]) - row_start[rows] + 1  # (R,)
-        position = k + irrelevant_at_least  # (R,) 1-based position in the pessimistic ranking
-
-        rank[start:stop] = position[row_start]
-        precision_sum = np.bincount(rows, weights=k / position, minlength=stop - start)
+        hits = np.arange(rows.shape[0]) - row_start[rows] + 1  # (R,) relevant items up to here
+        rank[start:stop] = positions[row_start] + 1
+        precision_sum = np.bincount(rows, weights=hits / (positions + 1), minlength=stop - start)
         ap[start:stop] = precision_sum / n_relevant
     return {"rank": rank, "ap": ap}
 
@@ -210,7 +198,9 @@ def bidirectional_retrieval(
     modality = np.asarray(modality)
     text = np.asarray(text)
     if modality.ndim != 2 or modality.shape != text.shape:
-        raise ValueError(f"modality and text must both be [N, D] with equal shapes, got {modality.shape} and {text.shape}")
+        raise ValueError(
+            f"modality and text must both be [N, D] with equal shapes, got {modality.shape} and {text.shape}"
+        )
     groups = _as_groups(groups, modality.shape[0], "groups")
     metrics: dict[str, float] = {}
     per_example: dict[str, np.ndarray] = {}

@@ -1,10 +1,11 @@
 """Contrastive losses between modality and text embeddings. Each returns named terms.
 
-Shared captions: when several samples of a batch carry the same caption (the same text, or the
-same label when captions are per-label), they are positives of each other, not negatives. We use
-soft targets: row i's target distribution is uniform over every column whose caption group equals
-row i's (CLIP's one-hot target when all captions differ). Masking the duplicates out instead would
-throw their gradient away; soft targets keep it and give the same optimum.
+Shared captions: when several samples of a batch are in the same caption group (the same text,
+or the same label when captions are per-label), they are positives of each other, not negatives.
+We use soft targets: row i's target distribution is uniform over every column of row i's group
+(CLIP's one-hot target when all groups differ). For byte-identical captions this coincides with
+one-hot cross-entropy, value and gradient, because the duplicate columns are equal; it matters
+when a group holds different texts, and in the queue term, where same-group entries are masked.
 """
 
 from __future__ import annotations

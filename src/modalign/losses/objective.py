@@ -33,6 +33,15 @@ class AlignObjective(nn.Module):
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
         m, _ = model.encode_modality(batch)  # (B, D)
         t = model.encode_text(batch["text"])  # (B, D)
+        mlm = None
+        if self.cfg.mlm_weight > 0:
+            hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio)  # (B, T)
+            _, tokens = model.encode_modality(batch, masked=hidden)
+            mlm = (model.mlm_head(tokens), hidden)  # (B, T, V or C), (B, T)
+        with torch.autocast("cpu", enabled=False):  # logits and softmax in fp32 even under bf16 autocast
+            return self._terms(model, batch, m.float(), t.float(), mlm)
+
+    def _terms(self, model, batch: dict, m: torch.Tensor, t: torch.Tensor, mlm) -> dict[str, torch.Tensor]:
         scale, groups = model.scale(), batch["groups"]
         if self.cfg.kind == "clip":
             terms = clip_loss(m, t, scale, groups)
@@ -46,10 +55,8 @@ class AlignObjective(nn.Module):
                 terms["queue"] = queue_loss(m, t, queued, scale, groups, self.queue.groups)
                 loss = loss + self.cfg.queue_weight * terms["queue"]
                 self.queue.push(batch["text"].detach(), groups)
-        if self.cfg.mlm_weight > 0:
-            hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio)  # (B, T)
-            _, tokens = model.encode_modality(batch, masked=hidden)
-            pred = model.mlm_head(tokens)
+        if mlm is not None:
+            pred, hidden = mlm
             has_ids = model.cfg.encoder.vocab_size > 0
             terms["mlm"] = masked_token_loss(pred, batch["tokens_id"] if has_ids else None,
                                              batch["tokens_cont"], hidden)

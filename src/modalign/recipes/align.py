@@ -270,7 +270,7 @@ class AlignRecipe:
             class_text = class_embeddings(self.model, self.prompt_text, self.prompt_class,
                                           len(self.data.class_prompts))
         metrics, per_example = evaluate_embeddings(m, t, groups, self.protocol, class_text, data.labels)
-        metrics["logit_scale"] = float(self.model.scale())
+        metrics["logit_scale"] = float(self.model.scale().detach())
         return metrics, per_example, m, t
 
     # fit / test / facts -----------------------------------------------------------------------

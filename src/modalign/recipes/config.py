@@ -7,6 +7,7 @@ objects, and where a bad key or value becomes a UserError naming it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
@@ -26,7 +27,22 @@ def compose(overrides: list[str], config_name: str = "config"):
         with initialize_config_module("modalign.conf", version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(f"config: {_first_line(e)}") from None
+        raise UserError(f"config: {_explain(e, overrides)}") from None
+
+
+def _explain(e: BaseException, overrides: list[str]) -> str:
+    """Hydra's multi-line messages -> one line that names the key or option."""
+    text = str(e)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        return f"unknown key '{m.group(1)}' (check the spelling; `modalign train --help` lists the groups)"
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if m:
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        return f"no option '{m.group(2)}' in group '{m.group(1)}' (available: {', '.join(options)})"
+    if type(e).__name__ == "OverrideParseException":
+        return f"cannot parse the overrides {' '.join(overrides)!r}: {_first_line(e)}"
+    return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
@@ -34,13 +50,13 @@ def _first_line(e: BaseException) -> str:
     return msg[0] if msg else type(e).__name__
 
 
-def to_container(node, key: str) -> dict:
+def to_container(node, key: str, throw_on_missing: bool = True) -> dict:
     """Resolve a config node into plain python, naming the key of any missing or bad value."""
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     try:
-        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=throw_on_missing)
     except MissingMandatoryValue as e:
         full = f"{key}.{e.full_key}" if key and e.full_key else (e.full_key or key)
         raise UserError(f"config: '{full}' is required and has no value (set it: {full}=...)") from None

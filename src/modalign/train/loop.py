@@ -148,7 +148,7 @@ class Trainer:
         out.update({f"grad_norm/{k}": v for k, v in norms.items()})
         for g in self.opt.param_groups:
             out[f"lr/{g['name']}"] = g["lr"]
-        out["temperature"] = float(1.0 / self.model.scale())
+        out["temperature"] = float(1.0 / self.model.scale().detach())
         return out
 
     def _log(self, split: str, values: dict[str, float]) -> None:

@@ -1,0 +1,43 @@
+"""Shared fixtures. The text-embedding cache is shared by the whole session (and by the CLI
+subprocesses through MODALIGN_CACHE), so the real MiniLM encodes each caption once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny demo: fast enough for a subprocess per test, big enough that every split has facts to match.
+TINY = ["data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.batch_size=64",
+        "trainer.max_steps=12", "trainer.eval_every=6", "trainer.log_every=2"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = Path(os.environ.get("MODALIGN_TEST_CACHE") or tmp_path_factory.mktemp("modalign-cache"))
+    os.environ["MODALIGN_CACHE"] = str(d)
+    return d
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path, timeout: int = 300, env_extra: dict | None = None):
+    """Run `python -m modalign ARGS` as a user would; returns CompletedProcess with text output."""
+    env = dict(os.environ, MODALIGN_CACHE=str(cache), PYTHONWARNINGS="ignore", COLUMNS="120")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "modalign", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir) -> Path:
+    """One completed tiny align run (with embeddings exported), shared by the read-only tests."""
+    cwd = tmp_path_factory.mktemp("tiny")
+    p = run_cli(["train", "--quiet", *TINY, "eval.export_embeddings=true"], cwd, cache_dir)
+    assert p.returncode == 0, p.stderr
+    runs = list((cwd / "outputs" / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0]
