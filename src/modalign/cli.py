@@ -327,7 +327,7 @@ def cmd_runs(args) -> int:
             cells.append("" if v is None else f"{v:.3f}")
         cells.append(f"{s['wall_seconds']:.0f}" if "wall_seconds" in s else "")
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 

@@ -315,7 +315,8 @@ class AlignRecipe:
         self.setup_training()
         fit = self.fit()
         test = self.test()
-        summary = self.write_facts(fit, test, time.perf_counter() - t0)
+        wall = time.perf_counter() - t0 + self.trainer.seconds_before  # a resumed run counts its earlier sessions
+        summary = self.write_facts(fit, test, wall)
         return summary["test"][self.trainer_cfg.monitor.removeprefix("val/")]
 
 

@@ -48,13 +48,17 @@ def plot_run_curves(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / "loss.png")
     val = _series(rows, "val")
-    names = [n for n in val if ("R@" in n or n == "zeroshot_acc" or n.endswith("mAP"))]
+    names = [n for n in val if n.endswith("R@1") or n == "zeroshot_acc"]
     if names:
         fig, ax = plt.subplots(figsize=(7, 4))
         for n in names:
-            ax.plot(*val[n], marker="o", ms=3, label=n, ls="--" if "/" in n else "-")
-        ax.set(xlabel="step", ylabel="value", title="validation metrics", ylim=(0, 1))
-        ax.legend(fontsize=7, ncol=2)
+            protocol = n.split("/")[0] if "/" in n else "headline"
+            ax.plot(*val[n], marker="o", ms=3, label=n, ls="--" if n.split("/")[-1].startswith("t2m") else "-",
+                    color={"headline": "tab:blue", "exact_text": "tab:orange", "same_label": "tab:green",
+                           "same_facts": "tab:red"}.get(protocol, "tab:purple") if n != "zeroshot_acc" else "black")
+        ax.set(xlabel="step", ylabel="value", title="validation R@1 (solid m2t, dashed t2m) and zero-shot accuracy",
+               ylim=(0, 1))
+        ax.legend(fontsize=7, ncol=2, loc="center right")
         fig.tight_layout()
         fig.savefig(out_dir / "metrics.png", dpi=110)
         plt.close(fig)

@@ -84,6 +84,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision)
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
         self.stopped_early = False
+        self.seconds_before = 0.0  # training time of earlier sessions of a resumed run
+        self._t_start = time.perf_counter()
 
     # state ------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -96,7 +98,8 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "step": self.step,
             "epoch": self.sampler.epoch_of(self.step),
-            "trainer": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals},
+            "trainer": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                        "train_seconds": self.seconds_before + time.perf_counter() - self._t_start},
         }
 
     def load_state(self, payload: dict) -> None:
@@ -108,6 +111,7 @@ class Trainer:
         self.step = int(payload["step"])
         t = payload["trainer"]
         self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], int(t["bad_evals"])
+        self.seconds_before = float(t.get("train_seconds", 0.0))
 
     def _save(self, name: str, metric: float | None = None) -> None:
         if self.ckpt_dir is not None:
@@ -184,7 +188,7 @@ class Trainer:
         cfg = self.cfg
         if self.progress:
             self.progress.start(cfg.max_steps, self.step)
-        t_start = time.perf_counter()
+        self._t_start = time.perf_counter()
         last_val: dict[str, float] = {}
         while self.step < cfg.max_steps:
             values = self._train_step()
@@ -207,5 +211,6 @@ class Trainer:
         if self.progress:
             self.progress.stop()
         return {"steps": self.step, "best": self.best, "best_step": self.best_step,
-                "stopped_early": self.stopped_early, "train_seconds": time.perf_counter() - t_start,
+                "stopped_early": self.stopped_early,
+                "train_seconds": self.seconds_before + time.perf_counter() - self._t_start,
                 "precision": self.precision}
