@@ -51,7 +51,8 @@ class AlignObjective(nn.Module):
             loss = terms["siglip"]
         if self.queue is not None:
             if self.training:
-                queued = model.encode_text(self.queue.text)  # (Q, D), projected with today's weights
+                # (Q, D), projected with today's weights; a copy, since push() below updates the buffer in place
+                queued = model.encode_text(self.queue.text.clone())
                 terms["queue"] = queue_loss(m, t, queued, scale, groups, self.queue.groups)
                 loss = loss + self.cfg.queue_weight * terms["queue"]
                 self.queue.push(batch["text"].detach(), groups)

@@ -194,18 +194,17 @@ class Trainer:
             values = self._train_step()
             if self.step % cfg.log_every == 0 or self.step == 1:
                 self._log("train", values)
-            at_end = self.step == cfg.max_steps
-            if self.step % cfg.eval_every == 0 or at_end:
+            evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+            if evaluate:
                 last_val = self._validate()
-                stop = cfg.early_stop_patience > 0 and self.bad_evals >= cfg.early_stop_patience
-                if stop:
-                    self.stopped_early = True
-                self._save("last.pt")
-                if stop:
-                    break
+                self.stopped_early = cfg.early_stop_patience > 0 and self.bad_evals >= cfg.early_stop_patience
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._save(f"step_{self.step}.pt")
                 ckpt.prune_step_checkpoints(self.ckpt_dir, cfg.keep_checkpoints)
+            if evaluate:
+                self._save("last.pt")  # last: after every other write of this step, so resume starts clean
+                if self.stopped_early:
+                    break
             if self.progress:
                 self.progress.update(self.step, values["loss"], last_val.get(cfg.monitor.removeprefix("val/")))
         if self.progress:
