@@ -16,19 +16,24 @@ $(VENV)/.torch: | $(PY)
 	$(PIP) install $(TORCH)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e '.[test]'
+# The package alone for the demo; the test extras (pytest, and sktime so its reader is tested) for tests.
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e '.[test,sktime]'
+	touch $@
 
-demo: $(VENV)/.installed
+install: $(VENV)/.installed-demo
+
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/modalign demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow
 
 clean:

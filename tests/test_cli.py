@@ -22,12 +22,13 @@ CONTRACT = ["cfg.yaml", "overrides.yaml", "run.json", "run.log", "metrics.jsonl"
 def test_help_does_not_import_torch():
     code = ("import sys, contextlib, io\n"
             "from modalign.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    assert main(['--help']) == 0 if False else True\n"
-            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
-            "    main(['train', '--help']) if False else None\n"
-            "bad = [m for m in ('torch', 'sentence_transformers', 'hydra') if m in sys.modules]\n"
-            "print(','.join(bad))\n")
+            "for args in (['--help'], ['train', '--help'], ['runs', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            main(args)\n"
+            "        except SystemExit as e:\n"
+            "            assert e.code == 0, (args, e.code)\n"
+            "print(','.join(m for m in ('torch', 'sentence_transformers', 'hydra') if m in sys.modules))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == ""
@@ -146,6 +147,10 @@ BAD = [
     ("bad-demo-arg", ["data.difficulty=brutal"], "brutal"),
     ("unparsable", ["trainer.max_steps=1=2"], "trainer.max_steps"),
     ("top-level-unknown", ["+foo=1"], "foo"),
+    ("bad-monitor", ["trainer.monitor=val/accuracy"], "trainer.monitor"),
+    ("even-kernel", ["encoder=cnn", "encoder.kernel_size=4"], "encoder.kernel_size"),
+    ("zero-temperature", ["loss.init_temperature=0"], "loss.init_temperature"),
+    ("protocol-without-facts", ["eval.protocol=nonsense"], "eval.protocol"),
 ]
 
 

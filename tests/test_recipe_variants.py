@@ -45,3 +45,20 @@ def test_early_stopping_and_step_checkpoints(tmp_path, monkeypatch, cache_dir):
     assert summary["stopped_early"] and summary["steps"] == 4
     run = next((tmp_path / "outputs" / "runs").iterdir())
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_4.pt"]
+
+
+def test_resume_of_interrupted_run_with_more_steps(tmp_path, monkeypatch, cache_dir):
+    info, summary, _ = _train(tmp_path, monkeypatch)
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    assert main(["train", "--quiet", f"resume={run}"]) == 2  # completed runs are not resumed
+    state = json.loads((run / "run.json").read_text())
+    state["status"] = "interrupted"  # as after a preemption
+    (run / "run.json").write_text(json.dumps(state))
+    assert main(["train", "--quiet", f"resume={run}", "data.n_train=100"]) == 2  # would change the data
+    assert main(["train", "--quiet", f"resume={run}", "trainer.max_steps=16"]) == 0
+    summary = json.loads((run / "facts" / "summary.json").read_text())
+    assert summary["steps"] == 16
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train" and r["name"] == "loss"]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated points
+    assert len([r for r in rows if r["split"] == "test" and r["name"] == "m2t_R@1"]) == 1

@@ -117,7 +117,14 @@ def _new_run(overrides: list[str], recipe: str):
     for key in ("outputs", "name"):
         if not isinstance(resolved.get(key), str) or not resolved[key]:
             raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")
-    path = new_run_path(Path(resolved["outputs"]), recipe, resolved["name"])
+    for key in ("path", "captions"):  # so eval and resume find the data from any directory
+        value = resolved["data"].get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+            resolved["data"][key] = str(Path(value).resolve())
+    try:
+        path = new_run_path(Path(resolved["outputs"]), recipe, resolved["name"])
+    except OSError as e:
+        raise UserError(f"outputs={resolved['outputs']}: cannot create a run directory there ({e.strerror})") from None
     run = RunDir(path)
     run.init_dirs()
     cfg = OmegaConf.create(resolved)
@@ -127,6 +134,39 @@ def _new_run(overrides: list[str], recipe: str):
                     "error": None, "created_at": now_iso(), "finished_at": None, "seed": resolved.get("seed"),
                     "config_diff": config_diff(defaults, resolved)})
     return cfg, run
+
+
+RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience",
+             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads"}
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _load_yaml(path: Path):
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml or OmegaConf errors: a damaged file
+        raise UserError(f"{path}: cannot be read as YAML ({type(e).__name__})") from None
+    if not hasattr(cfg, "keys") or "trainer" not in cfg:
+        raise UserError(f"{path}: not a modalign config (no 'trainer' section)")
+    return cfg
+
+
+def _run_info(run) -> dict:
+    from modalign.runs.rundir import read_json
+
+    try:
+        return read_json(run.run_json)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run.run_json}: cannot be read ({type(e).__name__})") from None
 
 
 def _resume_run(target: str, overrides: list[str]):
@@ -146,16 +186,17 @@ def _resume_run(target: str, overrides: list[str]):
     if not (run_path / "cfg.yaml").exists() or not (run_path / "run.json").exists():
         raise UserError(f"resume={target}: not a run directory (no cfg.yaml and run.json in {run_path})")
     run = RunDir(run_path)
-    if run.info().get("status") == "completed":
+    if _run_info(run).get("status") == "completed":
         raise UserError(f"resume={target}: the run is already completed; raise trainer.max_steps in a new run instead")
-    cfg = OmegaConf.load(run_path / "cfg.yaml")
-    OmegaConf.set_struct(cfg, True)
+    cfg = _load_yaml(run_path / "cfg.yaml")
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not (key in RESUMABLE or key.startswith("eval.")):
+            raise UserError(f"resume: cannot change '{key}' when resuming (the run would no longer equal an "
+                            f"uninterrupted one); allowed: {', '.join(sorted(RESUMABLE))}, eval.*")
     try:
-        for o in overrides:
-            if "=" not in o or o.startswith(("+", "~")):
-                raise UserError(f"resume: override '{o}' is not key=value; a resumed run keeps its config groups")
-            key, value = o.split("=", 1)
-            OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else value, merge=False)
+        for key, value in _flat(OmegaConf.to_container(OmegaConf.from_dotlist(overrides))):
+            OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException as e:
         raise UserError(f"resume: {str(e).splitlines()[0]}") from None
     cfg.resume = str(run_path)
@@ -217,7 +258,7 @@ def execute(cfg, run, quiet: bool):
 
 
 def _print_result(run, summary: dict, console) -> None:
-    split = "test"
+    split = summary.get("split", "test")
     res, chance = summary.get(split, {}), summary.get("chance", {})
     console.print(f"[bold]run[/bold] {run.path}")
     console.print(f"relevance protocol: {summary.get('protocol')}; {summary.get('steps')} steps in "
@@ -226,7 +267,7 @@ def _print_result(run, summary: dict, console) -> None:
         if k in res:
             c = chance.get(k)
             tail = f"   (chance {c:.4f})" if c is not None else ""
-            console.print(f"  test {k:<20} {res[k]:.3f}{tail}")
+            console.print(f"  {split} {k:<20} {res[k]:.3f}{tail}")
 
 
 def cmd_train(args) -> int:
@@ -277,7 +318,7 @@ def cmd_eval(args) -> int:
         ckpt = path / "checkpoints" / "last.pt"
     if not ckpt.exists():
         raise UserError(f"{path}: no checkpoint to evaluate (checkpoints/best.pt or last.pt)")
-    cfg = OmegaConf.load(path / "cfg.yaml")
+    cfg = _load_yaml(path / "cfg.yaml")
     recipe = AlignRecipe(cfg, run, progress=not args.quiet)
     recipe.setup()
     payload = load_checkpoint(ckpt)

@@ -60,18 +60,18 @@ class PairedTensors:
 class EpochSampler:
     """Shuffled batches without replacement; caption paraphrase drawn per sample per epoch."""
 
-    def __init__(self, data: PairedTensors, batch_size: int, seed: int):
-        if batch_size > data.n:
-            batch_size = data.n
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.steps_per_epoch = data.n // batch_size  # drop the ragged last batch: every step is a full contrastive batch
+    def __init__(self, data: PairedTensors, batch_size: int, seed: int, accumulate: int = 1):
+        self.data, self.batch_size, self.seed = data, min(batch_size, data.n), seed
+        self.accumulate = accumulate  # micro-batches per optimizer step
+        self.steps_per_epoch = data.n // self.batch_size  # micro-batches; the ragged last one is dropped
         self._epoch, self._perm, self._k = -1, None, None
 
     def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+        """The epoch of optimizer step `step`."""
+        return step * self.accumulate // self.steps_per_epoch
 
-    def batch(self, step: int) -> dict:
-        epoch, pos = divmod(step, self.steps_per_epoch)
+    def batch(self, micro_step: int) -> dict:
+        epoch, pos = divmod(micro_step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._perm = torch.randperm(self.data.n, generator=g)

@@ -40,7 +40,10 @@ class TextSettings:
 
 def headline_protocol(data: PairedData, requested: str) -> str:
     if requested != "auto":
-        check_range("eval.protocol", requested, choices=("exact_text", "same_facts", "same_label"))
+        check_range("eval.protocol", requested, choices=("auto", "exact_text", "same_facts", "same_label"))
+        if requested == "same_facts" and data.facts is None or requested == "same_label" and data.labels is None:
+            raise UserError(f"config: 'eval.protocol'={requested} needs {'facts' if requested == 'same_facts' else 'labels'}, "
+                            f"and {data.source} has none")
         return requested
     if data.facts is not None:
         return "same_facts"
@@ -169,6 +172,15 @@ class AlignRecipe:
         check_range("loss.kind", self.loss_cfg.kind, choices=("clip", "siglip"))
         check_range("loss.queue_size", self.loss_cfg.queue_size, min_value=0)
         check_range("loss.mlm_ratio", self.loss_cfg.mlm_ratio, min_value=0.0, max_value=1.0)
+        check_range("loss.init_temperature", init_t, min_value=1e-4)
+        check_range("loss.max_logit_scale", max_scale, min_value=1.0)
+        if not isinstance(text_projection, bool):
+            raise UserError(f"config: 'head.text_projection' must be true or false, got {text_projection!r}")
+        check_range("eval.batch_size", self.eval_cfg.batch_size, min_value=1)
+        check_range("trainer.keep_checkpoints", t.keep_checkpoints, min_value=0)
+        if len(self.splits["train"]) < 2:
+            raise UserError(f"{self.data.source}: the train split has {len(self.splits['train'])} sample; "
+                            "a contrastive batch needs at least 2")
         encoder_cfg = typed(EncoderConfig, enc, "encoder", vocab_size=self.data.vocab_size,
                             n_cont=self.data.n_cont, n_globals=self.data.n_globals,
                             max_len=max(512, self.data.seq_len))
@@ -178,6 +190,9 @@ class AlignRecipe:
         check_range("encoder.heads", encoder_cfg.heads, min_value=1)
         check_range("encoder.pooling", encoder_cfg.pooling, choices=("cls", "mean"))
         check_range("encoder.dropout", encoder_cfg.dropout, min_value=0.0, max_value=1.0)
+        if encoder_cfg.kind == "cnn" and encoder_cfg.kernel_size % 2 == 0:
+            raise UserError(f"config: 'encoder.kernel_size'={encoder_cfg.kernel_size} must be odd "
+                            "(the CNN keeps the sequence length)")
         if encoder_cfg.kind == "transformer" and encoder_cfg.width % encoder_cfg.heads:
             raise UserError(f"config: 'encoder.width'={encoder_cfg.width} is not divisible by "
                             f"'encoder.heads'={encoder_cfg.heads}")
@@ -191,6 +206,22 @@ class AlignRecipe:
                                           max_logit_scale=max_scale, mlm_head=self.loss_cfg.mlm_weight > 0)
         self.model = AlignModel(self.model_cfg)
         self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim)
+        self.metric_names = self._metric_names()
+        monitor = t.monitor.removeprefix("val/")
+        if monitor not in self.metric_names:
+            raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
+                            f"(e.g. val/m2t_R@1, val/t2m_mAP{', val/zeroshot_acc' if 'zeroshot_acc' in self.metric_names else ''})")
+
+    def _metric_names(self) -> list[str]:
+        """Every evaluation metric this run will report, in the order of evaluate()."""
+        names = []
+        for p in self.protocols:
+            prefix = "" if p == self.protocol else f"{p}/"
+            for d in ("m2t", "t2m"):
+                names += [f"{prefix}{d}_{m}" for m in ("R@1", "R@5", "R@10", "median_rank", "mean_rank", "mAP")]
+        if self.data.class_prompts is not None and self.data.labels is not None:
+            names.append("zeroshot_acc")
+        return names
 
     def setup_training(self) -> None:
         """The optimizer, schedule, sampler, metrics sink and trainer; records provenance."""
@@ -203,10 +234,14 @@ class AlignRecipe:
         t, seed = self.trainer_cfg, self.cfg.seed
         opt = build_optimizer(self.model.components(), self.optim_cfg)
         sched = build_scheduler(opt, self.optim_cfg, t.max_steps)
-        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed)
+        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed, t.accumulate)
+        if self.sampler.batch_size < t.batch_size:
+            log.warning("trainer.batch_size=%d is larger than the %d training samples; using %d",
+                        t.batch_size, len(self.splits["train"]), self.sampler.batch_size)
 
         resume = self._resume_payload()
-        keep = int(resume["step"]) if resume is not None else None
+        # a resumed run keeps the points up to its checkpoint (none if it was killed before the first)
+        keep = int(resume["step"]) if resume is not None else (0 if self.cfg.resume is not None else None)
         self.sink = MetricsSink(self.run.metrics_path, keep_until_step=keep)
         progress = None
         if self.show_progress:
@@ -247,13 +282,13 @@ class AlignRecipe:
             variant={"name": f"head={self.model_cfg.head.kind}", "created_by": "modalign", "model": None,
                      "date": None, "experiment_id": None, "version": code_info()["package_version"]},
             code=code_info(),
-            env=env_info(torch.__version__, "cpu", torch.get_num_threads()),
+            env=env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             text={"model": self.text.model_id, "cache": self.text.stats},
             parents=[],
             eval={"protocol": self.protocol, "protocols": self.protocols, "version": PROTOCOL_VERSION,
-                  "split": self.eval_cfg.split},
+                  "split": self.eval_cfg.split, "metrics": self.metric_names},
             params={"total": sum(params.values()), "trainable": trainable, "by_component": params},
         )
 
@@ -317,7 +352,7 @@ class AlignRecipe:
         test = self.test()
         wall = time.perf_counter() - t0 + self.trainer.seconds_before  # a resumed run counts its earlier sessions
         summary = self.write_facts(fit, test, wall)
-        return summary["test"][self.trainer_cfg.monitor.removeprefix("val/")]
+        return summary[self.eval_cfg.split][self.trainer_cfg.monitor.removeprefix("val/")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,7 @@ def write_run_facts(run: RunDir, split: str, metrics: dict, per_example: dict, d
     summary = {
         "recipe": info.get("recipe"),
         "protocol": info.get("eval", {}).get("protocol"),
+        "split": split,
         split: {k: float(v) for k, v in metrics.items()},
         "chance": chance,
         "metrics": summarize_metrics(rows),
@@ -78,8 +79,6 @@ def write_run_facts(run: RunDir, split: str, metrics: dict, per_example: dict, d
         "wall_seconds": wall,
         "params": info.get("params"),
     }
-    if split != "test":
-        summary.setdefault("test", summary[split])
     atomic_write_json(run.facts / "summary.json", summary)
     write_scores(run.facts / "scores.parquet", data, per_example)
     if export_embeddings:

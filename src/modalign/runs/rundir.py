@@ -140,7 +140,7 @@ class MetricsSink:
     def truncate(self, step: int) -> None:
         """Keep only points at or before `step` (a resumed run rewrites what came after its checkpoint)."""
         rows = RunDir(self.path.parent).read_metrics() if self.path.exists() else []
-        kept = [r for r in rows if r["step"] <= step]
+        kept = [r for r in rows if r["step"] <= step and r["split"] in ("train", "val")]  # final evaluation is redone
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None:

@@ -99,6 +99,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.sampler.epoch_of(self.step),
             "trainer": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                        "stopped_early": self.stopped_early,
                         "train_seconds": self.seconds_before + time.perf_counter() - self._t_start},
         }
 
@@ -112,6 +113,7 @@ class Trainer:
         t = payload["trainer"]
         self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], int(t["bad_evals"])
         self.seconds_before = float(t.get("train_seconds", 0.0))
+        self.stopped_early = bool(t.get("stopped_early", False))
 
     def _save(self, name: str, metric: float | None = None) -> None:
         if self.ckpt_dir is not None:
@@ -190,7 +192,7 @@ class Trainer:
             self.progress.start(cfg.max_steps, self.step)
         self._t_start = time.perf_counter()
         last_val: dict[str, float] = {}
-        while self.step < cfg.max_steps:
+        while self.step < cfg.max_steps and not self.stopped_early:
             values = self._train_step()
             if self.step % cfg.log_every == 0 or self.step == 1:
                 self._log("train", values)
