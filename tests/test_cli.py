@@ -101,7 +101,7 @@ def _write_user_npz(path: Path, n: int = 120, broken: str | None = None) -> None
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, n)
     x = rng.normal(size=(n, 20, 3)).astype(np.float32) + labels[:, None, None]
-    split = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20)
+    split = np.array(["train"] * 80 + ["val"] * 20 + ["test"] * (n - 100))
     ids = np.array([f"s{i:04d}" for i in range(n)])
     names = ["walking", "running", "sitting"]
     arrays = dict(ids=ids, split=split, tokens_cont=x, labels=labels, label_names=np.array(names))
@@ -131,6 +131,13 @@ def test_user_npz_trains_without_code_change(tmp_path, cache_dir):
     info = json.loads((tmp_path / run / "run.json").read_text())
     assert info["status"] == "completed" and info["eval"]["protocol"] == "same_label"
     assert info["data"]["splits"]["train"]["n"] == 80
+    # evaluation from another directory finds the data (its path is stored absolute) ...
+    p = run_cli(["eval", str(tmp_path / run)], tmp_path.parent, cache_dir)
+    assert p.returncode == 0, p.stderr
+    # ... and refuses data that changed since training
+    _write_user_npz(tmp_path / "wear.npz", n=121)
+    p = run_cli(["eval", str(tmp_path / run)], tmp_path, cache_dir)
+    assert p.returncode == 2 and "not the data this run was trained" in p.stderr, p.stderr
 
 
 BAD = [

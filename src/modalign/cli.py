@@ -321,6 +321,11 @@ def cmd_eval(args) -> int:
     cfg = _load_yaml(path / "cfg.yaml")
     recipe = AlignRecipe(cfg, run, progress=not args.quiet)
     recipe.setup()
+    recorded = _run_info(run).get("data", {}).get("splits", {}).get(args.split, {}).get("fingerprint")
+    actual = recipe.splits[args.split].fingerprint()
+    if recorded is not None and recorded != actual:
+        raise UserError(f"{path}: the {args.split} split is not the data this run was trained and tested on "
+                        f"(fingerprint {actual[:12]} now, {recorded[:12]} in run.json)")
     payload = load_checkpoint(ckpt)
     try:
         recipe.model.load_state_dict(payload["model"])
