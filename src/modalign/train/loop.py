@@ -24,7 +24,7 @@ from modalign.train import checkpoint as ckpt
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 250  # quality comparisons use fixed step counts, not wall-clock budgets
+    max_steps: int = 150  # the demo trains in about a minute on 2 CPU cores; compare at fixed step counts
     batch_size: int = 256  # the contrastive batch: each sample's negatives are the other 255
     accumulate: int = 1  # micro-batches per optimizer step; each micro-batch is its own contrastive batch
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
