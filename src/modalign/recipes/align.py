@@ -9,38 +9,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from modalign.data.paired import PairedData
 from modalign.errors import UserError
-from modalign.recipes.config import check_range, to_container, typed
+from modalign.recipes.config import to_container
+from modalign.recipes.settings import TextSettings, read_settings
 from modalign.runs.rundir import RunDir
 
 log = logging.getLogger("modalign")
 
 
-@dataclass
-class EvalSettings:
-    protocol: str = "auto"
-    split: str = "test"
-    export_embeddings: bool = False
-    batch_size: int = 1024
-
-
-@dataclass
-class TextSettings:
-    model: str = "all-MiniLM-L6-v2"
-    precision: str = "auto"
-    batch_size: int = 128
-    cache_dir: str | None = None
-
-
 def headline_protocol(data: PairedData, requested: str) -> str:
     if requested != "auto":
-        check_range("eval.protocol", requested, choices=("auto", "exact_text", "same_facts", "same_label"))
         if requested == "same_facts" and data.facts is None or requested == "same_label" and data.labels is None:
             raise UserError(f"config: 'eval.protocol'={requested} needs {'facts' if requested == 'same_facts' else 'labels'}, "
                             f"and {data.source} has none")
@@ -107,110 +90,48 @@ class AlignRecipe:
 
     # setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Config, data, text embeddings and the model: everything training and evaluation share."""
+        """Settings, data, text embeddings and the model: everything training and evaluation share.
+        Every config value is checked before the data is loaded or a caption is encoded."""
         import torch
 
         from modalign.data.batches import PairedTensors
-        from modalign.losses.objective import AlignObjective, LossConfig
-        from modalign.models.align import AlignModel, AlignModelConfig, HeadConfig
-        from modalign.models.encoders import EncoderConfig
-        from modalign.train.loop import TrainerConfig
-        from modalign.train.optim import GroupConfig, OptimConfig
+        from modalign.losses.objective import AlignObjective
+        from modalign.models.align import AlignModel
 
-        cfg = self.cfg
-        seed = cfg.seed
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise UserError(f"config: 'seed' must be an integer, got {seed!r}")
-        tcfg = to_container(cfg.trainer, "trainer")
-        optim = tcfg.pop("optim")
-        self.trainer_cfg = typed(TrainerConfig, tcfg, "trainer")
-        t = self.trainer_cfg
-        check_range("trainer.max_steps", t.max_steps, min_value=1)
-        check_range("trainer.batch_size", t.batch_size, min_value=2)
-        check_range("trainer.accumulate", t.accumulate, min_value=1)
-        check_range("trainer.eval_every", t.eval_every, min_value=1)
-        check_range("trainer.log_every", t.log_every, min_value=1)
-        check_range("trainer.checkpoint_every", t.checkpoint_every, min_value=0)
-        check_range("trainer.grad_clip", t.grad_clip, min_value=0)
-        check_range("trainer.threads", t.threads, min_value=0)
-        check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16"))
-        check_range("trainer.monitor_mode", t.monitor_mode, choices=("max", "min"))
-        groups = {k: typed(GroupConfig, optim.pop(k), f"trainer.optim.{k}") for k in ("encoder", "heads", "logit_scale")}
-        self.optim_cfg = typed(OptimConfig, optim, "trainer.optim", groups=groups)
-        for k, g in groups.items():
-            check_range(f"trainer.optim.{k}.lr", g.lr, min_value=0)
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        torch.manual_seed(seed)
+        self.settings = read_settings(self.cfg)
+        st = self.settings
+        self.trainer_cfg, self.optim_cfg, self.eval_cfg, self.loss_cfg = st.trainer, st.optim, st.eval, st.loss
+        if st.trainer.threads:
+            torch.set_num_threads(st.trainer.threads)
+        torch.manual_seed(st.seed)
 
         log.info("loading data")
-        self.data = load_data(cfg).validate()
+        self.data = load_data(self.cfg).validate()
         self.splits = {s: self.data.subset(s) for s in ("train", "val", "test")}
-        self.eval_cfg = typed(EvalSettings, to_container(cfg.eval, "eval"), "eval")
-        check_range("eval.split", self.eval_cfg.split, choices=("train", "val", "test"))
-        self.protocol = headline_protocol(self.data, self.eval_cfg.protocol)
+        if len(self.splits["train"]) < 2:
+            raise UserError(f"{self.data.source}: the train split has {len(self.splits['train'])} sample; "
+                            "a contrastive batch needs at least 2")
+        self.protocol = headline_protocol(self.data, st.eval.protocol)
         self.protocols = [self.protocol] + [p for p in ("exact_text", "same_facts", "same_label")
                                             if p != self.protocol and self._has_protocol(p)]
+        self.metric_names = self._metric_names()
+        if st.trainer.monitor.removeprefix("val/") not in self.metric_names:
+            raise UserError(f"config: 'trainer.monitor'={st.trainer.monitor!r} is not a validation metric of "
+                            f"this run (e.g. val/m2t_R@1, val/t2m_mAP"
+                            f"{', val/zeroshot_acc' if 'zeroshot_acc' in self.metric_names else ''})")
 
-        text_cfg = typed(TextSettings, to_container(cfg.text, "text"), "text")
-        check_range("text.precision", text_cfg.precision, choices=("auto", "fp32", "bf16"))
-        self.text = TextTable(self.data, text_cfg, progress=self.show_progress)
-        table = torch.from_numpy(self.text.embeddings)
-        groups_t = torch.arange(len(table))
-        self.tensors = {s: PairedTensors(d, self.text.rows(d), table, groups_t) for s, d in self.splits.items()}
+        self.text = TextTable(self.data, st.text, progress=self.show_progress)
+        table = torch.from_numpy(self.text.embeddings)  # (U, text_dim)
+        groups = torch.arange(len(table))  # identical text = identical row = one caption group
+        self.tensors = {s: PairedTensors(d, self.text.rows(d), table, groups) for s, d in self.splits.items()}
         if self.data.class_prompts is not None:
             rows = [(self.text.index[p], k) for k, ps in enumerate(self.data.class_prompts) for p in ps]
             self.prompt_text = table[torch.tensor([r for r, _ in rows])]
             self.prompt_class = torch.tensor([k for _, k in rows])
 
-        enc = to_container(cfg.encoder, "encoder")
-        head = to_container(cfg.head, "head")
-        text_projection = head.pop("text_projection", True)
-        loss = to_container(cfg.loss, "loss")
-        init_t, max_scale = loss.pop("init_temperature"), loss.pop("max_logit_scale")
-        self.loss_cfg = typed(LossConfig, loss, "loss")
-        check_range("loss.kind", self.loss_cfg.kind, choices=("clip", "siglip"))
-        check_range("loss.queue_size", self.loss_cfg.queue_size, min_value=0)
-        check_range("loss.mlm_ratio", self.loss_cfg.mlm_ratio, min_value=0.0, max_value=1.0)
-        check_range("loss.init_temperature", init_t, min_value=1e-4)
-        check_range("loss.max_logit_scale", max_scale, min_value=1.0)
-        if not isinstance(text_projection, bool):
-            raise UserError(f"config: 'head.text_projection' must be true or false, got {text_projection!r}")
-        check_range("eval.batch_size", self.eval_cfg.batch_size, min_value=1)
-        check_range("trainer.keep_checkpoints", t.keep_checkpoints, min_value=0)
-        if len(self.splits["train"]) < 2:
-            raise UserError(f"{self.data.source}: the train split has {len(self.splits['train'])} sample; "
-                            "a contrastive batch needs at least 2")
-        encoder_cfg = typed(EncoderConfig, enc, "encoder", vocab_size=self.data.vocab_size,
-                            n_cont=self.data.n_cont, n_globals=self.data.n_globals,
-                            max_len=max(512, self.data.seq_len))
-        check_range("encoder.kind", encoder_cfg.kind, choices=("transformer", "cnn"))
-        check_range("encoder.width", encoder_cfg.width, min_value=1)
-        check_range("encoder.depth", encoder_cfg.depth, min_value=1)
-        check_range("encoder.heads", encoder_cfg.heads, min_value=1)
-        check_range("encoder.pooling", encoder_cfg.pooling, choices=("cls", "mean"))
-        check_range("encoder.dropout", encoder_cfg.dropout, min_value=0.0, max_value=1.0)
-        if encoder_cfg.kind == "cnn" and encoder_cfg.kernel_size % 2 == 0:
-            raise UserError(f"config: 'encoder.kernel_size'={encoder_cfg.kernel_size} must be odd "
-                            "(the CNN keeps the sequence length)")
-        if encoder_cfg.kind == "transformer" and encoder_cfg.width % encoder_cfg.heads:
-            raise UserError(f"config: 'encoder.width'={encoder_cfg.width} is not divisible by "
-                            f"'encoder.heads'={encoder_cfg.heads}")
-        head_cfg = typed(HeadConfig, head, "head")
-        check_range("head.kind", head_cfg.kind, choices=("linear", "mlp"))
-        if head_cfg.kind == "mlp":
-            check_range("head.layers", head_cfg.layers, choices=(2, 3))
-        check_range("head.embed_dim", head_cfg.embed_dim, min_value=1)
-        self.model_cfg = AlignModelConfig(encoder=encoder_cfg, head=head_cfg, text_dim=int(table.shape[1]),
-                                          text_projection=bool(text_projection), init_temperature=init_t,
-                                          max_logit_scale=max_scale, mlm_head=self.loss_cfg.mlm_weight > 0)
+        self.model_cfg = st.model_config(self.data, text_dim=int(table.shape[1]))
         self.model = AlignModel(self.model_cfg)
         self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim)
-        self.metric_names = self._metric_names()
-        monitor = t.monitor.removeprefix("val/")
-        if monitor not in self.metric_names:
-            raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
-                            f"(e.g. val/m2t_R@1, val/t2m_mAP{', val/zeroshot_acc' if 'zeroshot_acc' in self.metric_names else ''})")
 
     def _metric_names(self) -> list[str]:
         """Every evaluation metric this run will report, in the order of evaluate()."""

@@ -1,0 +1,139 @@
+"""The `align` recipe's config, read into typed settings and checked in one place, up front.
+
+A bad value is a UserError naming its key before any data is loaded or any caption is encoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from modalign.data.paired import PairedData
+from modalign.errors import UserError
+from modalign.recipes.config import check_range, to_container, typed
+
+if TYPE_CHECKING:  # torch-side types; imported for real inside read_settings()
+    from modalign.losses.objective import LossConfig
+    from modalign.models.align import HeadConfig
+    from modalign.models.encoders import EncoderConfig
+    from modalign.train.loop import TrainerConfig
+    from modalign.train.optim import OptimConfig
+
+
+@dataclass
+class EvalSettings:
+    protocol: str = "auto"  # auto | exact_text | same_facts | same_label
+    split: str = "test"
+    export_embeddings: bool = False
+    batch_size: int = 1024
+
+
+@dataclass
+class TextSettings:
+    model: str = "all-MiniLM-L6-v2"
+    precision: str = "auto"
+    batch_size: int = 128
+    cache_dir: str | None = None
+
+
+@dataclass
+class AlignSettings:
+    seed: int
+    trainer: TrainerConfig
+    optim: OptimConfig
+    eval: EvalSettings
+    text: TextSettings
+    loss: LossConfig
+    encoder: EncoderConfig  # the data's sizes are filled in by model_config()
+    head: HeadConfig
+    text_projection: bool
+    init_temperature: float
+    max_logit_scale: float
+
+    def model_config(self, data: PairedData, text_dim: int):
+        from modalign.models.align import AlignModelConfig
+
+        encoder = dataclasses.replace(self.encoder, vocab_size=data.vocab_size, n_cont=data.n_cont,
+                                      n_globals=data.n_globals, max_len=max(512, data.seq_len))
+        return AlignModelConfig(encoder=encoder, head=self.head, text_dim=text_dim,
+                                text_projection=self.text_projection, init_temperature=self.init_temperature,
+                                max_logit_scale=self.max_logit_scale, mlm_head=self.loss.mlm_weight > 0)
+
+
+def read_settings(cfg) -> AlignSettings:
+    from modalign.losses.objective import LossConfig
+    from modalign.models.align import HeadConfig
+    from modalign.models.encoders import EncoderConfig
+    from modalign.train.loop import TrainerConfig
+    from modalign.train.optim import GroupConfig, OptimConfig
+
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"config: 'seed' must be an integer, got {seed!r}")
+
+    tcfg = to_container(cfg.trainer, "trainer")
+    optim = tcfg.pop("optim")
+    t = typed(TrainerConfig, tcfg, "trainer")
+    for key, low in (("max_steps", 1), ("batch_size", 2), ("accumulate", 1), ("eval_every", 1), ("log_every", 1),
+                     ("checkpoint_every", 0), ("keep_checkpoints", 0), ("grad_clip", 0), ("threads", 0),
+                     ("early_stop_patience", 0)):
+        check_range(f"trainer.{key}", getattr(t, key), min_value=low)
+    check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16"))
+    check_range("trainer.monitor_mode", t.monitor_mode, choices=("max", "min"))
+    groups = {k: typed(GroupConfig, optim.pop(k), f"trainer.optim.{k}") for k in ("encoder", "heads", "logit_scale")}
+    for k, g in groups.items():
+        check_range(f"trainer.optim.{k}.lr", g.lr, min_value=0)
+        check_range(f"trainer.optim.{k}.weight_decay", g.weight_decay, min_value=0)
+    o = typed(OptimConfig, optim, "trainer.optim", groups=groups)
+    check_range("trainer.optim.warmup_steps", o.warmup_steps, min_value=0)
+
+    ev = typed(EvalSettings, to_container(cfg.eval, "eval"), "eval")
+    check_range("eval.split", ev.split, choices=("train", "val", "test"))
+    check_range("eval.protocol", ev.protocol, choices=("auto", "exact_text", "same_facts", "same_label"))
+    check_range("eval.batch_size", ev.batch_size, min_value=1)
+
+    text = typed(TextSettings, to_container(cfg.text, "text"), "text")
+    check_range("text.precision", text.precision, choices=("auto", "fp32", "bf16"))
+    check_range("text.batch_size", text.batch_size, min_value=1)
+
+    loss = to_container(cfg.loss, "loss")
+    init_t, max_scale = loss.pop("init_temperature", 0.07), loss.pop("max_logit_scale", 100.0)
+    lc = typed(LossConfig, loss, "loss")
+    check_range("loss.kind", lc.kind, choices=("clip", "siglip"))
+    check_range("loss.queue_size", lc.queue_size, min_value=0)
+    check_range("loss.queue_weight", lc.queue_weight, min_value=0.0)
+    check_range("loss.mlm_ratio", lc.mlm_ratio, min_value=0.0, max_value=1.0)
+    check_range("loss.mlm_weight", lc.mlm_weight, min_value=0.0)
+    for key, value in (("init_temperature", init_t), ("max_logit_scale", max_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config: 'loss.{key}' must be a number, got {value!r}")
+    check_range("loss.init_temperature", init_t, min_value=1e-4)
+    check_range("loss.max_logit_scale", max_scale, min_value=1.0)
+
+    enc = typed(EncoderConfig, to_container(cfg.encoder, "encoder"), "encoder")
+    check_range("encoder.kind", enc.kind, choices=("transformer", "cnn"))
+    for key in ("width", "depth", "heads", "kernel_size"):
+        check_range(f"encoder.{key}", getattr(enc, key), min_value=1)
+    check_range("encoder.pooling", enc.pooling, choices=("cls", "mean"))
+    check_range("encoder.dropout", enc.dropout, min_value=0.0, max_value=1.0)
+    if enc.kind == "cnn" and enc.kernel_size % 2 == 0:
+        raise UserError(f"config: 'encoder.kernel_size'={enc.kernel_size} must be odd (the CNN keeps the sequence length)")
+    if enc.kind == "transformer" and enc.width % enc.heads:
+        raise UserError(f"config: 'encoder.width'={enc.width} is not divisible by 'encoder.heads'={enc.heads}")
+
+    head = to_container(cfg.head, "head")
+    text_projection = head.pop("text_projection", True)
+    if not isinstance(text_projection, bool):
+        raise UserError(f"config: 'head.text_projection' must be true or false, got {text_projection!r}")
+    hc = typed(HeadConfig, head, "head")
+    check_range("head.kind", hc.kind, choices=("linear", "mlp"))
+    if hc.kind == "mlp":
+        check_range("head.layers", hc.layers, choices=(2, 3))
+    check_range("head.hidden", hc.hidden, min_value=1)
+    check_range("head.embed_dim", hc.embed_dim, min_value=1)
+    check_range("head.dropout", hc.dropout, min_value=0.0, max_value=1.0)
+
+    return AlignSettings(seed=seed, trainer=t, optim=o, eval=ev, text=text, loss=lc, encoder=enc, head=hc,
+                         text_projection=text_projection, init_temperature=float(init_t),
+                         max_logit_scale=float(max_scale))
