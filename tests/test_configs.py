@@ -20,10 +20,11 @@ def test_config_file_composes_and_says_how_to_run_it(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# modalign "), f"{path} must start with the command that runs it"
     rel = path.relative_to(CONF)
+    root = rel.stem if len(rel.parts) == 1 else "align"
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
     if rel.parts[0] == "data" and rel.stem == "npz":
         overrides.append("data.path=x.npz")
-    cfg = to_container(compose(overrides), "")
+    cfg = to_container(compose(overrides, root), "")
     if len(rel.parts) > 1:
         group = rel.parts[0]
         assert group in cfg, f"{group} missing after composing {overrides}"

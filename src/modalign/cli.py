@@ -7,9 +7,7 @@ line naming the file, key or value. `modalign --help` imports neither torch nor 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import traceback
 from pathlib import Path
 
 from modalign.errors import UserError
@@ -87,176 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # train ------------------------------------------------------------------------------------------
-def _split_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
-    resume, rest = None, []
-    for o in overrides:
-        if o.startswith("resume="):
-            resume = o.split("=", 1)[1] or None
-            if resume in ("null", "None"):
-                resume = None
-        else:
-            rest.append(o)
-    return resume, rest
-
-
-def _new_run(overrides: list[str], recipe: str):
-    from omegaconf import OmegaConf
-
-    from modalign.recipes.config import compose, to_container
-    from modalign.runs.card import config_diff
-    from modalign.runs.rundir import RunDir, atomic_write_text, new_run_path, now_iso
-
-    cfg = compose(overrides)
-    resolved = to_container(cfg, "")  # every missing or bad value fails here, before a run dir exists
-    # the defaults of the same data group, so the card's diff shows what the user changed
-    defaults = to_container(compose([o for o in overrides if o.split("=")[0] == "data"]), "", throw_on_missing=False)
-    known = set(to_container(compose([]), "")) if any(o.startswith("+") for o in overrides) else set(resolved)
-    extra = sorted(set(resolved) - known)
-    if extra:
-        raise UserError(f"config: unknown key '{extra[0]}'")
-    for key in ("outputs", "name"):
-        if not isinstance(resolved.get(key), str) or not resolved[key]:
-            raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")
-    for key in ("path", "captions"):  # so eval and resume find the data from any directory
-        value = resolved["data"].get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
-            resolved["data"][key] = str(Path(value).resolve())
-    try:
-        path = new_run_path(Path(resolved["outputs"]), recipe, resolved["name"])
-    except OSError as e:
-        raise UserError(f"outputs={resolved['outputs']}: cannot create a run directory there ({e.strerror})") from None
-    run = RunDir(path)
-    run.init_dirs()
-    cfg = OmegaConf.create(resolved)
-    atomic_write_text(path / "cfg.yaml", OmegaConf.to_yaml(cfg))
-    atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    run.write_info({"id": path.name, "name": resolved["name"], "recipe": recipe, "status": "running",
-                    "error": None, "created_at": now_iso(), "finished_at": None, "seed": resolved.get("seed"),
-                    "config_diff": config_diff(defaults, resolved)})
-    return cfg, run
-
-
-RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience",
-             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads"}
-
-
-def _flat(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def _load_yaml(path: Path):
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml or OmegaConf errors: a damaged file
-        raise UserError(f"{path}: cannot be read as YAML ({type(e).__name__})") from None
-    if not hasattr(cfg, "keys") or "trainer" not in cfg:
-        raise UserError(f"{path}: not a modalign config (no 'trainer' section)")
-    return cfg
-
-
-def _run_info(run) -> dict:
-    from modalign.runs.rundir import read_json
-
-    try:
-        return read_json(run.run_json)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{run.run_json}: cannot be read ({type(e).__name__})") from None
-
-
-def _resume_run(target: str, overrides: list[str]):
-    """Continue the run that owns `target` (a run dir, its checkpoints dir, or a checkpoint in it)
-    with its own cfg.yaml; key=value overrides may change settings such as trainer.max_steps."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from modalign.runs.rundir import RunDir, atomic_write_text
-
-    p = Path(target)
-    if not p.exists():
-        raise UserError(f"resume={target}: no such run directory or checkpoint")
-    run_path = p if p.is_dir() else p.parent
-    if run_path.name == "checkpoints":
-        run_path = run_path.parent
-    if not (run_path / "cfg.yaml").exists() or not (run_path / "run.json").exists():
-        raise UserError(f"resume={target}: not a run directory (no cfg.yaml and run.json in {run_path})")
-    run = RunDir(run_path)
-    if _run_info(run).get("status") == "completed":
-        raise UserError(f"resume={target}: the run is already completed; raise trainer.max_steps in a new run instead")
-    cfg = _load_yaml(run_path / "cfg.yaml")
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if "=" not in o or not (key in RESUMABLE or key.startswith("eval.")):
-            raise UserError(f"resume: cannot change '{key}' when resuming (the run would no longer equal an "
-                            f"uninterrupted one); allowed: {', '.join(sorted(RESUMABLE))}, eval.*")
-    try:
-        for key, value in _flat(OmegaConf.to_container(OmegaConf.from_dotlist(overrides))):
-            OmegaConf.update(cfg, key, value, merge=False)
-    except OmegaConfBaseException as e:
-        raise UserError(f"resume: {str(e).splitlines()[0]}") from None
-    cfg.resume = str(run_path)
-    atomic_write_text(run_path / "cfg.yaml", OmegaConf.to_yaml(cfg))
-    run.update(status="running", error=None, finished_at=None)
-    return cfg, run
-
-
-def _attach_log(run_path: Path) -> logging.Handler:
-    logger = logging.getLogger("modalign")
-    logger.setLevel(logging.INFO)
-    h = logging.FileHandler(run_path / "run.log", encoding="utf-8")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(h)
-    return h
-
-
-def execute(cfg, run, quiet: bool):
-    """Run the recipe in `run`; keep run.json's status honest. -> (exit code, summary or None)."""
-    import shutil
-
-    from modalign.recipes.align import AlignRecipe
-    from modalign.runs.card import write_card
-    from modalign.runs.rundir import read_json
-
-    handler = _attach_log(run.path)
-    log = logging.getLogger("modalign")
-    log.info("run %s: %s", run.path, " ".join(sys.argv))
-    recipe = AlignRecipe(cfg, run, progress=not quiet)
-    trained = lambda: any(run.checkpoints.glob("*.pt"))  # noqa: E731
-    try:
-        recipe()
-        run.set_status("completed")
-        summary = read_json(run.facts / "summary.json")
-        write_card(run, summary)  # again, now that run.json says completed
-        return 0, summary
-    except UserError as e:
-        log.error("%s", e)
-        if cfg.resume is None and not trained():
-            logging.getLogger("modalign").removeHandler(handler)
-            handler.close()
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing was trained: leave no half run behind
-        else:
-            run.set_status("failed", str(e))
-        raise
-    except KeyboardInterrupt:
-        run.set_status("interrupted", "interrupted by the user")
-        log.error("interrupted")
-        raise
-    except Exception as e:
-        line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        log.error("run failed: %s\n%s", line, traceback.format_exc())
-        run.set_status("failed", line)
-        print(f"modalign: run failed: {line} (traceback in {run.path / 'run.log'})", file=sys.stderr)
-        return 1, None
-    finally:
-        logging.getLogger("modalign").removeHandler(handler)
-        handler.close()
-
-
 def _print_result(run, summary: dict, console) -> None:
     split = summary.get("split", "test")
     res, chance = summary.get(split, {}), summary.get("chance", {})
@@ -273,8 +101,10 @@ def _print_result(run, summary: dict, console) -> None:
 def cmd_train(args) -> int:
     from rich.console import Console
 
-    resume, overrides = _split_resume(args.overrides)
-    cfg, run = _resume_run(resume, overrides) if resume else _new_run(overrides, args.recipe)
+    from modalign.recipes.launch import execute, new_run, resume_run, split_resume
+
+    resume, overrides = split_resume(args.overrides)
+    cfg, run = resume_run(resume, overrides) if resume else new_run(overrides, args.recipe)
     code, summary = execute(cfg, run, args.quiet)
     if code == 0 and not args.quiet:
         _print_result(run, summary, Console())
@@ -290,7 +120,9 @@ def cmd_demo(args) -> int:
     if not args.quiet:
         console.print("[bold]modalign demo[/bold]: align smart-home sensor windows with their captions "
                       "(embedded demo data, frozen all-MiniLM-L6-v2)")
-    cfg, run = _new_run(["data=demo", *args.overrides], "align")
+    from modalign.recipes.launch import execute, new_run
+
+    cfg, run = new_run(["data=demo", *args.overrides], "align")
     code, summary = execute(cfg, run, args.quiet)
     if code == 0:
         _print_result(run, summary, console)
@@ -301,10 +133,10 @@ def cmd_demo(args) -> int:
 
 # eval -------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from omegaconf import OmegaConf
     from rich.console import Console
 
     from modalign.recipes.align import AlignRecipe
+    from modalign.recipes.launch import load_yaml, run_info
     from modalign.runs.facts import write_scores
     from modalign.runs.rundir import RunDir, atomic_write_json
     from modalign.train.checkpoint import load_checkpoint
@@ -318,10 +150,10 @@ def cmd_eval(args) -> int:
         ckpt = path / "checkpoints" / "last.pt"
     if not ckpt.exists():
         raise UserError(f"{path}: no checkpoint to evaluate (checkpoints/best.pt or last.pt)")
-    cfg = _load_yaml(path / "cfg.yaml")
+    cfg = load_yaml(path / "cfg.yaml")
     recipe = AlignRecipe(cfg, run, progress=not args.quiet)
     recipe.setup()
-    recorded = _run_info(run).get("data", {}).get("splits", {}).get(args.split, {}).get("fingerprint")
+    recorded = run_info(run).get("data", {}).get("splits", {}).get(args.split, {}).get("fingerprint")
     actual = recipe.splits[args.split].fingerprint()
     if recorded is not None and recorded != actual:
         raise UserError(f"{path}: the {args.split} split is not the data this run was trained and tested on "

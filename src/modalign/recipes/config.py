@@ -14,7 +14,7 @@ from typing import Any
 from modalign.errors import UserError
 
 
-def compose(overrides: list[str], config_name: str = "config"):
+def compose(overrides: list[str], config_name: str = "align"):
     """The fully composed (not yet resolved) config for `overrides`, from the package's conf/."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module

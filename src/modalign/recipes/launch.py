@@ -1,0 +1,223 @@
+"""Starting, resuming and executing runs: the lifecycle every face shares (`modalign train`,
+`modalign demo`, each job of `modalign sweep`). It keeps run.json's status honest: `completed` only
+after every fact is on disk, `failed` with the error line, `interrupted` on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from modalign.errors import UserError
+
+RECIPES = {"align": "modalign.recipes.align:AlignRecipe", "autoencode": "modalign.recipes.autoencode:AutoencodeRecipe"}
+
+
+def recipe_class(name: str):
+    import importlib
+
+    if name not in RECIPES:
+        raise UserError(f"config: unknown recipe '{name}' (expected one of {', '.join(RECIPES)})")
+    module, cls = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def split_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
+    resume, rest = None, []
+    for o in overrides:
+        if o.startswith("resume="):
+            resume = o.split("=", 1)[1] or None
+            if resume in ("null", "None"):
+                resume = None
+        else:
+            rest.append(o)
+    return resume, rest
+
+
+def root_config(recipe: str) -> str:
+    """The root config of a recipe: conf/align.yaml or conf/autoencode.yaml."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{recipe}' (expected one of {', '.join(RECIPES)})")
+    return recipe
+
+
+def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
+    """Checks every run's resolved config gets before a run dir exists; makes data paths absolute."""
+    from modalign.recipes.config import compose, to_container
+
+    known = set(to_container(compose([], root_config(recipe)), "", throw_on_missing=False)) \
+        if any(o.startswith("+") for o in overrides) else set(resolved)
+    extra = sorted(set(resolved) - known)
+    if extra:
+        raise UserError(f"config: unknown key '{extra[0]}'")
+    for key in ("outputs", "name"):
+        if not isinstance(resolved.get(key), str) or not resolved[key]:
+            raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")
+    for key in ("path", "captions"):  # so eval and resume find the data from any directory
+        value = resolved["data"].get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+            resolved["data"][key] = str(Path(value).resolve())
+    return resolved
+
+
+def start_run(resolved: dict, overrides: list[str], recipe: str, path: Path | None = None):
+    """Create the run directory (a fresh one under outputs/runs, or `path` for a sweep job) and
+    write cfg.yaml, overrides.yaml and run.json (status running). -> (cfg, RunDir)."""
+    from omegaconf import OmegaConf
+
+    from modalign.recipes.config import compose, to_container
+    from modalign.runs.card import config_diff
+    from modalign.runs.rundir import RunDir, atomic_write_text, new_run_path, now_iso
+
+    # the defaults of the same data group, so the card's diff shows what the user changed
+    defaults = to_container(compose([o for o in overrides if o.split("=")[0] == "data"], root_config(recipe)), "",
+                            throw_on_missing=False)
+    try:
+        if path is None:
+            path = new_run_path(Path(resolved["outputs"]), recipe, resolved["name"])
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"outputs={resolved['outputs']}: cannot create a run directory there ({e.strerror})") from None
+    run = RunDir(path)
+    run.init_dirs()
+    cfg = OmegaConf.create(resolved)
+    atomic_write_text(path / "cfg.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    run.write_info({"id": path.name, "name": resolved["name"], "recipe": recipe, "status": "running",
+                    "error": None, "created_at": now_iso(), "finished_at": None, "seed": resolved.get("seed"),
+                    "config_diff": config_diff(defaults, resolved)})
+    return cfg, run
+
+
+def new_run(overrides: list[str], recipe: str):
+    """Compose, check and start a single run under outputs/runs/."""
+    from modalign.recipes.config import compose, to_container
+
+    cfg = compose(overrides, root_config(recipe))
+    resolved = to_container(cfg, "")  # every missing or bad value fails here, before a run dir exists
+    return start_run(check_resolved(resolved, overrides, recipe), overrides, recipe)
+
+
+RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience",
+             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads"}
+
+
+def flat_items(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flat_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def load_yaml(path: Path):
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml or OmegaConf errors: a damaged file
+        raise UserError(f"{path}: cannot be read as YAML ({type(e).__name__})") from None
+    if not hasattr(cfg, "keys") or "trainer" not in cfg:
+        raise UserError(f"{path}: not a modalign config (no 'trainer' section)")
+    return cfg
+
+
+def run_info(run) -> dict:
+    from modalign.runs.rundir import read_json
+
+    try:
+        return read_json(run.run_json)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run.run_json}: cannot be read ({type(e).__name__})") from None
+
+
+def resume_run(target: str, overrides: list[str]):
+    """Continue the run that owns `target` (a run dir, its checkpoints dir, or a checkpoint in it)
+    with its own cfg.yaml; key=value overrides may change settings such as trainer.max_steps."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from modalign.runs.rundir import RunDir, atomic_write_text
+
+    p = Path(target)
+    if not p.exists():
+        raise UserError(f"resume={target}: no such run directory or checkpoint")
+    run_path = p if p.is_dir() else p.parent
+    if run_path.name == "checkpoints":
+        run_path = run_path.parent
+    if not (run_path / "cfg.yaml").exists() or not (run_path / "run.json").exists():
+        raise UserError(f"resume={target}: not a run directory (no cfg.yaml and run.json in {run_path})")
+    run = RunDir(run_path)
+    if run_info(run).get("status") == "completed":
+        raise UserError(f"resume={target}: the run is already completed; raise trainer.max_steps in a new run instead")
+    cfg = load_yaml(run_path / "cfg.yaml")
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not (key in RESUMABLE or key.startswith("eval.")):
+            raise UserError(f"resume: cannot change '{key}' when resuming (the run would no longer equal an "
+                            f"uninterrupted one); allowed: {', '.join(sorted(RESUMABLE))}, eval.*")
+    try:
+        for key, value in flat_items(OmegaConf.to_container(OmegaConf.from_dotlist(overrides))):
+            OmegaConf.update(cfg, key, value, merge=False)
+    except OmegaConfBaseException as e:
+        raise UserError(f"resume: {str(e).splitlines()[0]}") from None
+    cfg.resume = str(run_path)
+    atomic_write_text(run_path / "cfg.yaml", OmegaConf.to_yaml(cfg))
+    run.update(status="running", error=None, finished_at=None)
+    return cfg, run
+
+
+def attach_log(run_path: Path) -> logging.Handler:
+    logger = logging.getLogger("modalign")
+    logger.setLevel(logging.INFO)
+    h = logging.FileHandler(run_path / "run.log", encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(h)
+    return h
+
+
+def execute(cfg, run, quiet: bool):
+    """Run the recipe in `run`; keep run.json's status honest. -> (exit code, summary or None)."""
+    import shutil
+
+    from modalign.runs.card import write_card
+    from modalign.runs.rundir import read_json
+
+    handler = attach_log(run.path)
+    log = logging.getLogger("modalign")
+    log.info("run %s: %s", run.path, " ".join(sys.argv))
+    recipe = recipe_class(str(cfg.recipe))(cfg, run, progress=not quiet)
+    trained = lambda: any(run.checkpoints.glob("*.pt"))  # noqa: E731
+    try:
+        recipe()
+        run.set_status("completed")
+        summary = read_json(run.facts / "summary.json")
+        write_card(run, summary)  # again, now that run.json says completed
+        return 0, summary
+    except UserError as e:
+        log.error("%s", e)
+        if cfg.resume is None and not trained():
+            logging.getLogger("modalign").removeHandler(handler)
+            handler.close()
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing was trained: leave no half run behind
+        else:
+            run.set_status("failed", str(e))
+        raise
+    except KeyboardInterrupt:
+        run.set_status("interrupted", "interrupted by the user")
+        log.error("interrupted")
+        raise
+    except Exception as e:
+        line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        log.error("run failed: %s\n%s", line, traceback.format_exc())
+        run.set_status("failed", line)
+        print(f"modalign: run failed: {line} (traceback in {run.path / 'run.log'})", file=sys.stderr)
+        return 1, None
+    finally:
+        logging.getLogger("modalign").removeHandler(handler)
+        handler.close()
+
+
