@@ -17,7 +17,8 @@ def test_there_are_config_files():
 
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CONF)) for p in FILES])
 def test_config_file_composes_and_says_how_to_run_it(path):
-    first = path.read_text().splitlines()[0]
+    # Hydra's `# @package` directive must come first when there is one; the command comes next
+    first = next(line for line in path.read_text().splitlines() if not line.startswith("# @"))
     assert first.startswith("# modalign "), f"{path} must start with the command that runs it"
     rel = path.relative_to(CONF)
     root = rel.stem if len(rel.parts) == 1 else "align"

@@ -32,6 +32,13 @@ def _groups_epilog() -> str:
     return "\n".join(lines)
 
 
+def _experiments_epilog() -> str:
+    conf = Path(__file__).resolve().parent / "conf" / "experiment"
+    names = sorted(p.stem for p in conf.glob("*.yaml"))
+    return ("experiments: " + ", ".join(names) + "\nlaunchers: hydra/launcher=joblib (parallel local jobs), "
+            "env=slurm (submitit), hydra/launcher=submitit_local")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modalign", description="A workbench for cross-modal alignment research.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -48,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*",
                    help="Hydra overrides: group=option or key=value, e.g. encoder=cnn trainer.max_steps=200; "
                         "resume=RUN_DIR continues a run")
+
+    w = sub.add_parser("sweep", help="a Hydra multirun over a grid: modalign sweep experiment=NAME [overrides]",
+                       epilog=_experiments_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    w.add_argument("overrides", nargs="*",
+                   help="experiment=NAME, sweeps as comma lists (seed=0,1,2), other overrides; "
+                        "resume=SWEEP_DIR runs the jobs that are not completed")
 
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split")
     e.add_argument("run", help="run directory")
@@ -75,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 0
-        return {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "runs": cmd_runs}[args.command](args)
+        return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
+                "runs": cmd_runs}[args.command](args)
     except UserError as e:
         print(f"modalign: error: {e}", file=sys.stderr)
         return 2
@@ -129,6 +144,44 @@ def cmd_demo(args) -> int:
         if not args.quiet:
             console.print(f"card: {run.path / 'card.md'}   figures: {run.path / 'figures'}")
     return code
+
+
+# sweep ------------------------------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    from modalign.recipes.sweep import run_sweep
+
+    code, sweep_dir = run_sweep(args.overrides, quiet=args.quiet)
+    _print_sweep(sweep_dir)
+    return code
+
+
+def _print_sweep(sweep_dir: Path) -> None:
+    """The sweep's jobs as a table: varied parameters, status, headline metrics."""
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from modalign.runs.index import find_runs
+
+    info = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    records = {r.path.name: r for r in find_runs(sweep_dir)}
+    keys = list(info.get("grid", {}))
+    metrics = ["m2t_R@1", "t2m_R@1", "zeroshot_acc"] if info.get("recipe") == "align" else ["total_loss", "rec_tokens", "rec_globals"]
+    table = Table(title=f"{sweep_dir} — {info['status']}")
+    for col in ("job", *keys, "status", *metrics):
+        table.add_column(col, justify="right" if col in metrics else "left")
+    for job in info.get("jobs", []):
+        r = records.get(job["dir"])
+        values = dict(o.split("=", 1) for o in (job.get("overrides") or []) if "=" in o)
+        cells = [job["dir"], *[values.get(k, "") for k in keys], job["status"] or ""]
+        for m in metrics:
+            v = r.metric(m) if r is not None else None
+            cells.append("" if v is None else f"{v:.3f}")
+        table.add_row(*cells)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    for job in info.get("jobs", []):
+        if job["status"] != "completed":
+            print(f"job {job['dir']} {job['status']}: {job.get('error')}", file=sys.stderr)
 
 
 # eval -------------------------------------------------------------------------------------------

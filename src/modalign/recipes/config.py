@@ -14,7 +14,7 @@ from typing import Any
 from modalign.errors import UserError
 
 
-def compose(overrides: list[str], config_name: str = "align"):
+def compose(overrides: list[str], config_name: str = "align", return_hydra_config: bool = False):
     """The fully composed (not yet resolved) config for `overrides`, from the package's conf/."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -25,7 +25,8 @@ def compose(overrides: list[str], config_name: str = "align"):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("modalign.conf", version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            return hydra_compose(config_name=config_name, overrides=list(overrides),
+                                 return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"config: {_explain(e, overrides)}") from None
 

@@ -179,7 +179,7 @@ def attach_log(run_path: Path) -> logging.Handler:
     return h
 
 
-def execute(cfg, run, quiet: bool):
+def execute(cfg, run, quiet: bool, keep_failed: bool = False):
     """Run the recipe in `run`; keep run.json's status honest. -> (exit code, summary or None)."""
     import shutil
 
@@ -199,7 +199,7 @@ def execute(cfg, run, quiet: bool):
         return 0, summary
     except UserError as e:
         log.error("%s", e)
-        if cfg.resume is None and not trained():
+        if cfg.resume is None and not trained() and not keep_failed:
             logging.getLogger("modalign").removeHandler(handler)
             handler.close()
             shutil.rmtree(run.path, ignore_errors=True)  # nothing was trained: leave no half run behind
