@@ -21,6 +21,12 @@ def test_config_file_composes_and_says_how_to_run_it(path):
     first = next(line for line in path.read_text().splitlines() if not line.startswith("# @"))
     assert first.startswith("# modalign "), f"{path} must start with the command that runs it"
     rel = path.relative_to(CONF)
+    if rel.parts[0] == "experiment":
+        from modalign.recipes.sweep import plan
+
+        p = plan([f"experiment={rel.stem}"])
+        assert p["grid"] and p["metric"].startswith(("test/", "val/")), p  # names its grid and its metric
+        return
     root = rel.stem if len(rel.parts) == 1 else "align"
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
     if rel.parts[0] == "data" and rel.stem == "npz":
