@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe: modalign train [--recipe align] [overrides]",
                        epilog=_groups_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--recipe", default="align", choices=["align"], help="which recipe (default: align)")
+    t.add_argument("--recipe", default="align", choices=["align", "autoencode"],
+                   help="align (stage 2, the default) or autoencode (stage 1)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     t.add_argument("overrides", nargs="*",
                    help="Hydra overrides: group=option or key=value, e.g. encoder=cnn trainer.max_steps=200; "
@@ -106,7 +107,10 @@ def _print_result(run, summary: dict, console) -> None:
     console.print(f"[bold]run[/bold] {run.path}")
     console.print(f"relevance protocol: {summary.get('protocol')}; {summary.get('steps')} steps in "
                   f"{summary.get('train_seconds', 0):.0f} s ({summary.get('precision')})")
-    for k in HEADLINE + ("exact_text/m2t_R@1", "exact_text/t2m_R@1"):
+    keys = HEADLINE + ("exact_text/m2t_R@1", "exact_text/t2m_R@1")
+    if summary.get("recipe") == "autoencode":
+        keys = ("total_loss", "rec_tokens", "token_acc", "rec_mse", "rec_globals", "vq_perplexity", "vq_usage")
+    for k in keys:
         if k in res:
             c = chance.get(k)
             tail = f"   (chance {c:.4f})" if c is not None else ""

@@ -84,6 +84,42 @@ class TextTable:
         return out
 
 
+def init_encoder(encoder, cfg, source: str) -> dict:
+    """Load a stage-1 run's encoder weights into `encoder` (stage 1 -> stage 2).
+    source: a run dir (its best.pt, else last.pt) or a checkpoint file. -> the parent record for
+    run.json: {role, path, sha256, step, recipe}. The checkpoint's sha256 is verified on load."""
+    import dataclasses
+
+    from modalign.runs.provenance import sha256_file
+    from modalign.train.checkpoint import load_checkpoint
+
+    p = Path(source)
+    if p.is_dir():
+        d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        p = d / "best.pt" if (d / "best.pt").exists() else d / "last.pt"
+    if not p.exists():
+        raise UserError(f"encoder.init_from={source}: no checkpoint there (checkpoints/best.pt or last.pt)")
+    payload = load_checkpoint(p)
+    theirs = payload.get("model_config", {}).get("encoder")
+    if theirs is None:
+        raise UserError(f"{p}: the checkpoint describes no encoder (model_config.encoder)")
+    ours = dataclasses.asdict(cfg)
+    differ = [k for k in ("kind", "width", "depth", "heads", "kernel_size", "vocab_size", "n_cont", "n_globals")
+              if ours.get(k) != theirs.get(k)]
+    if differ:
+        k = differ[0]
+        raise UserError(f"{p}: its encoder has {k}={theirs.get(k)!r} but this run's has {k}={ours.get(k)!r} "
+                        f"(set encoder.{k} to match, or use another parent)")
+    state = {k.removeprefix("encoder."): v for k, v in payload["model"].items() if k.startswith("encoder.")}
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{p}: encoder weights do not fit ({str(e).splitlines()[0]})") from None
+    log.info("encoder initialised from %s (step %s)", p, payload.get("step"))
+    return {"role": "encoder", "path": str(p.resolve()), "sha256": sha256_file(p), "step": payload.get("step"),
+            "recipe": payload.get("recipe")}
+
+
 class AlignRecipe:
     def __init__(self, cfg, run: RunDir, progress: bool = True):
         self.cfg, self.run, self.show_progress = cfg, run, progress
@@ -132,6 +168,14 @@ class AlignRecipe:
         self.model_cfg = st.model_config(self.data, text_dim=int(table.shape[1]))
         self.model = AlignModel(self.model_cfg)
         self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim)
+        self.parents = []
+        if st.encoder_init_from is not None:
+            self.parents.append(init_encoder(self.model.encoder, self.model_cfg.encoder, st.encoder_init_from))
+        if st.encoder_freeze:
+            if st.encoder_init_from is None:
+                raise UserError("config: 'encoder.freeze'=true needs 'encoder.init_from' (a frozen random encoder learns nothing)")
+            for p in self.model.encoder.parameters():
+                p.requires_grad_(False)
 
     def _metric_names(self) -> list[str]:
         """Every evaluation metric this run will report, in the order of evaluate()."""
@@ -207,7 +251,7 @@ class AlignRecipe:
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             text={"model": self.text.model_id, "cache": self.text.stats},
-            parents=[],
+            parents=self.parents,
             eval={"protocol": self.protocol, "protocols": self.protocols, "version": PROTOCOL_VERSION,
                   "split": self.eval_cfg.split, "metrics": self.metric_names},
             params={"total": sum(params.values()), "trainable": trainable, "by_component": params},

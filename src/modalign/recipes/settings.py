@@ -50,6 +50,8 @@ class AlignSettings:
     text_projection: bool
     init_temperature: float
     max_logit_scale: float
+    encoder_init_from: str | None = None  # a stage-1 run dir or checkpoint whose encoder we start from
+    encoder_freeze: bool = False
 
     def model_config(self, data: PairedData, text_dim: int):
         from modalign.models.align import AlignModelConfig
@@ -61,10 +63,9 @@ class AlignSettings:
                                 max_logit_scale=self.max_logit_scale, mlm_head=self.loss.mlm_weight > 0)
 
 
-def read_settings(cfg) -> AlignSettings:
-    from modalign.losses.objective import LossConfig
-    from modalign.models.align import HeadConfig
-    from modalign.models.encoders import EncoderConfig
+def read_training(cfg, components: tuple[str, ...]) -> tuple[int, "TrainerConfig", "OptimConfig"]:
+    """seed, trainer and optimizer settings, shared by every recipe. `components` names the model's
+    parameter groups; each needs trainer.optim.<component> {lr, weight_decay}."""
     from modalign.train.loop import TrainerConfig
     from modalign.train.optim import GroupConfig, OptimConfig
 
@@ -81,12 +82,49 @@ def read_settings(cfg) -> AlignSettings:
         check_range(f"trainer.{key}", getattr(t, key), min_value=low)
     check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16"))
     check_range("trainer.monitor_mode", t.monitor_mode, choices=("max", "min"))
-    groups = {k: typed(GroupConfig, optim.pop(k), f"trainer.optim.{k}") for k in ("encoder", "heads", "logit_scale")}
-    for k, g in groups.items():
-        check_range(f"trainer.optim.{k}.lr", g.lr, min_value=0)
-        check_range(f"trainer.optim.{k}.weight_decay", g.weight_decay, min_value=0)
+    groups = {}
+    for k in components:
+        if k not in optim:
+            raise UserError(f"config: 'trainer.optim.{k}' is missing (lr and weight_decay of the {k})")
+        groups[k] = typed(GroupConfig, optim.pop(k), f"trainer.optim.{k}")
+        check_range(f"trainer.optim.{k}.lr", groups[k].lr, min_value=0)
+        check_range(f"trainer.optim.{k}.weight_decay", groups[k].weight_decay, min_value=0)
+    for k in [k for k, v in optim.items() if isinstance(v, dict)]:
+        optim.pop(k)  # another recipe's component (e.g. heads when autoencoding): not used here
     o = typed(OptimConfig, optim, "trainer.optim", groups=groups)
     check_range("trainer.optim.warmup_steps", o.warmup_steps, min_value=0)
+    return seed, t, o
+
+
+def read_encoder(cfg) -> tuple["EncoderConfig", str | None, bool]:
+    """encoder settings, and where to initialise it from (stage 1 -> stage 2) and whether to freeze it."""
+    from modalign.models.encoders import EncoderConfig
+
+    node = to_container(cfg.encoder, "encoder")
+    init_from, freeze = node.pop("init_from", None), node.pop("freeze", False)
+    if init_from is not None and not isinstance(init_from, str):
+        raise UserError(f"config: 'encoder.init_from' must be a run directory or checkpoint path, got {init_from!r}")
+    if not isinstance(freeze, bool):
+        raise UserError(f"config: 'encoder.freeze' must be true or false, got {freeze!r}")
+    enc = typed(EncoderConfig, node, "encoder")
+    check_range("encoder.kind", enc.kind, choices=("transformer", "cnn"))
+    for key in ("width", "depth", "heads", "kernel_size"):
+        check_range(f"encoder.{key}", getattr(enc, key), min_value=1)
+    check_range("encoder.pooling", enc.pooling, choices=("cls", "mean"))
+    check_range("encoder.dropout", enc.dropout, min_value=0.0, max_value=1.0)
+    if enc.kind == "cnn" and enc.kernel_size % 2 == 0:
+        raise UserError(f"config: 'encoder.kernel_size'={enc.kernel_size} must be odd (the CNN keeps the sequence length)")
+    if enc.kind == "transformer" and enc.width % enc.heads:
+        raise UserError(f"config: 'encoder.width'={enc.width} is not divisible by 'encoder.heads'={enc.heads}")
+    return enc, init_from, freeze
+
+
+def read_settings(cfg) -> AlignSettings:
+    from modalign.losses.objective import LossConfig
+    from modalign.models.align import HeadConfig
+    from modalign.models.encoders import EncoderConfig
+
+    seed, t, o = read_training(cfg, ("encoder", "heads", "logit_scale"))
 
     ev = typed(EvalSettings, to_container(cfg.eval, "eval"), "eval")
     check_range("eval.split", ev.split, choices=("train", "val", "test"))
@@ -111,16 +149,7 @@ def read_settings(cfg) -> AlignSettings:
     check_range("loss.init_temperature", init_t, min_value=1e-4)
     check_range("loss.max_logit_scale", max_scale, min_value=1.0)
 
-    enc = typed(EncoderConfig, to_container(cfg.encoder, "encoder"), "encoder")
-    check_range("encoder.kind", enc.kind, choices=("transformer", "cnn"))
-    for key in ("width", "depth", "heads", "kernel_size"):
-        check_range(f"encoder.{key}", getattr(enc, key), min_value=1)
-    check_range("encoder.pooling", enc.pooling, choices=("cls", "mean"))
-    check_range("encoder.dropout", enc.dropout, min_value=0.0, max_value=1.0)
-    if enc.kind == "cnn" and enc.kernel_size % 2 == 0:
-        raise UserError(f"config: 'encoder.kernel_size'={enc.kernel_size} must be odd (the CNN keeps the sequence length)")
-    if enc.kind == "transformer" and enc.width % enc.heads:
-        raise UserError(f"config: 'encoder.width'={enc.width} is not divisible by 'encoder.heads'={enc.heads}")
+    enc, init_from, freeze = read_encoder(cfg)
 
     head = to_container(cfg.head, "head")
     text_projection = head.pop("text_projection", True)
@@ -136,4 +165,4 @@ def read_settings(cfg) -> AlignSettings:
 
     return AlignSettings(seed=seed, trainer=t, optim=o, eval=ev, text=text, loss=lc, encoder=enc, head=hc,
                          text_projection=text_projection, init_temperature=float(init_t),
-                         max_logit_scale=float(max_scale))
+                         max_logit_scale=float(max_scale), encoder_init_from=init_from, encoder_freeze=freeze)

@@ -33,7 +33,8 @@ def plot_run_curves(rows: list[dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     train = _series(rows, "train")
-    loss_names = [n for n in train if n == "loss" or n.startswith(("clip", "siglip", "queue", "mlm"))]
+    loss_names = [n for n in train if n == "loss" or n.startswith(("clip", "siglip", "queue", "mlm", "rec_",
+                                                                   "vq_commit", "vq_codebook"))]
     if loss_names:
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         for n in loss_names:
@@ -48,6 +49,17 @@ def plot_run_curves(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / "loss.png")
     val = _series(rows, "val")
+    if "total_loss" in val:  # a reconstruction run: its validation losses
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n in ("total_loss", "rec_tokens", "rec_globals", "rec_ce", "rec_mse"):
+            if n in val:
+                ax.plot(*val[n], marker="o", ms=3, label=n)
+        ax.set(xlabel="step", ylabel="loss", title="validation reconstruction losses", yscale="log")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "metrics.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "metrics.png")
     names = [n for n in val if n.endswith("R@1") or n == "zeroshot_acc"]
     if names:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -77,5 +89,46 @@ def plot_similarity(modality: np.ndarray, text: np.ndarray, path: Path, title: s
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_codebook_usage(counts: np.ndarray, path: Path) -> Path:
+    """Bar chart of how often each code was chosen on the evaluated split, most used first.
+    counts (K,) int."""
+    plt = _plt()
+    order = np.sort(counts)[::-1]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar(np.arange(len(order)), order, width=1.0, color="tab:blue")
+    used = int((counts > 0).sum())
+    ax.set(xlabel="code (sorted by use)", ylabel="assignments", yscale="log" if order.max() > 0 else "linear",
+           title=f"codebook usage: {used} of {len(counts)} codes used")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reconstructions(ids, rec_ids, cont, rec_cont, mask, sample_ids, path: Path) -> Path:
+    """A few samples, true vs reconstructed: token ids (B, T) as points, continuous channel 0 (B, T, C)
+    as lines, over each sample's valid positions (mask (B, T))."""
+    plt = _plt()
+    n = len(mask)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 1.9 * n), squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        t = np.flatnonzero(mask[i])
+        if ids is not None:
+            ax.plot(t, ids[i, t], "o", ms=4, label="token id", color="tab:blue")
+            ax.plot(t, rec_ids[i, t], "x", ms=5, label="reconstructed id", color="tab:red")
+            ax.set_ylabel("id")
+        if cont is not None and cont.shape[2] > 0:
+            ax2 = ax.twinx() if ids is not None else ax
+            ax2.plot(t, cont[i, t, 0], "-", lw=1, color="tab:green", label="feature 0")
+            ax2.plot(t, rec_cont[i, t, 0], "--", lw=1, color="tab:orange", label="reconstructed")
+        ax.set_title(str(sample_ids[i]), fontsize=9, loc="left")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -35,7 +35,8 @@ def summarize_metrics(rows: list[dict], modes: dict[str, str] | None = None) -> 
 
 def smaller_is_better(name: str) -> bool:
     leaf = name.rsplit("/", 1)[-1]
-    return ("loss" in name or leaf.startswith(("clip", "siglip", "queue", "mlm")) or "rank" in leaf
+    return ("loss" in name or leaf.startswith(("clip", "siglip", "queue", "mlm", "rec_", "vq_commit", "vq_codebook"))
+            or "rank" in leaf
             or "seconds" in leaf or leaf == "temperature")
 
 
@@ -49,7 +50,7 @@ def write_scores(path, data: PairedData, per_example: dict[str, np.ndarray]) -> 
 
 
 def write_run_facts(run: RunDir, split: str, metrics: dict, per_example: dict, data: PairedData,
-                    modality: np.ndarray, text: np.ndarray, export_embeddings: bool, fit: dict,
+                    modality: np.ndarray | None, text: np.ndarray | None, export_embeddings: bool, fit: dict,
                     wall: float, chance: dict[str, float]) -> dict:
     from modalign.report.figures import plot_run_curves, plot_similarity
     from modalign.runs.card import write_card
@@ -81,10 +82,11 @@ def write_run_facts(run: RunDir, split: str, metrics: dict, per_example: dict, d
     }
     atomic_write_json(run.facts / "summary.json", summary)
     write_scores(run.facts / "scores.parquet", data, per_example)
-    if export_embeddings:
+    if export_embeddings and modality is not None:
         np.savez(run.facts / "embeddings.npz", ids=data.ids.astype(str), modality=modality, text=text)
     plot_run_curves(rows, run.figures)
-    plot_similarity(modality[:32], text[:32], run.figures / "similarity.png",
-                    title=f"{split}: first {min(32, len(modality))} pairs (cosine)")
+    if modality is not None and text is not None:
+        plot_similarity(modality[:32], text[:32], run.figures / "similarity.png",
+                        title=f"{split}: first {min(32, len(modality))} pairs (cosine)")
     write_card(run, summary)
     return summary

@@ -154,7 +154,8 @@ class Trainer:
         out.update({f"grad_norm/{k}": v for k, v in norms.items()})
         for g in self.opt.param_groups:
             out[f"lr/{g['name']}"] = g["lr"]
-        out["temperature"] = float(1.0 / self.model.scale().detach())
+        if hasattr(self.model, "scale"):  # contrastive models: the learned temperature
+            out["temperature"] = float(1.0 / self.model.scale().detach())
         return out
 
     def _log(self, split: str, values: dict[str, float]) -> None:
