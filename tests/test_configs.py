@@ -27,7 +27,7 @@ def test_config_file_composes_and_says_how_to_run_it(path):
         p = plan([f"experiment={rel.stem}"])
         assert p["grid"] and p["metric"].startswith(("test/", "val/")), p  # names its grid and its metric
         return
-    root = rel.stem if len(rel.parts) == 1 else "align"
+    root = rel.stem if len(rel.parts) == 1 else ("autoencode" if rel.parts[0] == "bottleneck" else "align")
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
     if rel.parts[0] == "data" and rel.stem == "npz":
         overrides.append("data.path=x.npz")
