@@ -203,7 +203,7 @@ class AutoencodeRecipe:
         return metrics, per_example, (None if counts is None else counts.numpy())
 
     def __call__(self) -> float:
-        from modalign.report.figures import plot_codebook_usage, plot_reconstructions
+        from modalign.report.figures import plot_codebook_usage
         from modalign.runs.facts import write_run_facts
         from modalign.train.checkpoint import load_checkpoint
 

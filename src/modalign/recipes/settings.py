@@ -122,7 +122,6 @@ def read_encoder(cfg) -> tuple["EncoderConfig", str | None, bool]:
 def read_settings(cfg) -> AlignSettings:
     from modalign.losses.objective import LossConfig
     from modalign.models.align import HeadConfig
-    from modalign.models.encoders import EncoderConfig
 
     seed, t, o = read_training(cfg, ("encoder", "heads", "logit_scale"))
 

@@ -209,7 +209,7 @@ def sweep_job(cfg) -> float | None:
     import shutil
 
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     from modalign.recipes.config import to_container
     from modalign.recipes.launch import check_resolved, execute, start_run

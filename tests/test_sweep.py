@@ -1,0 +1,114 @@
+"""Sweeps (Hydra multirun) and stage 1 -> stage 2, on the real code path with tiny data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from modalign.cli import main
+from modalign.runs.provenance import sha256_file
+
+SMALL = ["trainer=smoke", "data.n_train=192", "data.n_val=48", "data.n_test=48", "trainer.batch_size=32"]
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "src/modalign/conf/experiment").glob("*.yaml"))
+
+
+def _sweep_dir(cwd: Path) -> Path:
+    dirs = list((cwd / "outputs" / "experiments").iterdir())
+    assert len(dirs) == 1
+    return dirs[0]
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "facts" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "--quiet", f"experiment={name}", *SMALL])
+    sweep = _sweep_dir(tmp_path)
+    info = yaml.safe_load((sweep / "sweep.yaml").read_text())
+    assert code == 0 and info["status"] == "completed", info["jobs"]
+    n = 1
+    for values in info["grid"].values():
+        n *= len(values)
+    assert len(info["jobs"]) == n == info["n_jobs"]
+    assert sweep.name.startswith("exp_") and sweep.name.endswith(f"_{name}")
+    for job in info["jobs"]:
+        run = sweep / job["dir"]
+        assert json.loads((run / "run.json").read_text())["status"] == "completed"
+        overrides = yaml.safe_load((run / "overrides.yaml").read_text())
+        for key in info["grid"]:  # each job ran with one value of each swept key
+            assert any(o.startswith(f"{key}=") for o in overrides)
+    if name == "compare_globals_heads":
+        # rec_globals falls as globals_beta rises, for every latent space
+        by = {}
+        for job in info["jobs"]:
+            o = dict(x.split("=", 1) for x in job["overrides"])
+            by[(o["bottleneck"], float(o["globals_beta"]))] = _summary(sweep / job["dir"])["test"]["rec_globals"]
+        for latent in ("none", "linear", "vq"):
+            assert by[(latent, 0.0)] > by[(latent, 1.0)] > by[(latent, 10.0)] * 0.9, by
+        vq = next(j for j in info["jobs"] if "bottleneck=vq" in j["overrides"])
+        assert _summary(sweep / vq["dir"])["test"]["vq_perplexity"] > 1.0
+        assert (sweep / vq["dir"] / "figures" / "codebook_usage.png").exists()
+
+
+def test_failed_job_does_not_stop_the_sweep_and_resume_finishes_it(tmp_path, cache_dir):
+    from test_cli import _write_user_npz
+
+    _write_user_npz(tmp_path / "a.npz")
+    args = ["sweep", "--quiet", "data=npz", f"data.path={tmp_path / 'a.npz'},{tmp_path / 'b.npz'}",
+            "trainer=smoke", "trainer.batch_size=32", "encoder=cnn"]
+    p = run_cli(args, tmp_path, cache_dir)
+    assert p.returncode == 1, p.stderr  # the sweep is incomplete
+    sweep = _sweep_dir(tmp_path)
+    info = yaml.safe_load((sweep / "sweep.yaml").read_text())
+    status = {j["dir"]: j["status"] for j in info["jobs"]}
+    assert status == {"0": "completed", "1": "failed"}
+    assert "b.npz" in info["jobs"][1]["error"]
+    done = (sweep / "0" / "run.json").read_text()
+
+    shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")  # the missing input appears
+    shutil.copy(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    p = run_cli(["sweep", "--quiet", f"resume={sweep}"], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    info = yaml.safe_load((sweep / "sweep.yaml").read_text())
+    assert [j["status"] for j in info["jobs"]] == ["completed", "completed"]
+    assert (sweep / "0" / "run.json").read_text() == done  # the completed job was not run again
+
+
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, cache_dir):
+    p = run_cli(["sweep", "--quiet", "hydra/launcher=submitit_local", "head=linear,mlp", *SMALL], tmp_path,
+                cache_dir, timeout=600)
+    assert p.returncode == 0, p.stderr
+    sweep = _sweep_dir(tmp_path)
+    info = yaml.safe_load((sweep / "sweep.yaml").read_text())
+    assert [j["status"] for j in info["jobs"]] == ["completed", "completed"]
+    assert (sweep / ".submitit").is_dir()  # the jobs really went through submitit
+
+
+def test_align_from_a_stage1_checkpoint_records_its_parent(tmp_path, monkeypatch, cache_dir):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet", "--recipe", "autoencode", *SMALL, "bottleneck=linear", "name=stage1"]) == 0
+    stage1 = next((tmp_path / "outputs" / "runs").glob("*_autoencode_stage1"))
+    assert main(["train", "--quiet", *SMALL, f"encoder.init_from={stage1}", "encoder.freeze=true", "name=stage2"]) == 0
+    stage2 = next((tmp_path / "outputs" / "runs").glob("*_align_stage2"))
+    parents = json.loads((stage2 / "run.json").read_text())["parents"]
+    assert len(parents) == 1 and parents[0]["role"] == "encoder" and parents[0]["recipe"] == "autoencode"
+    assert parents[0]["sha256"] == sha256_file(stage1 / "checkpoints" / "best.pt")
+
+    import torch
+
+    from modalign.train.checkpoint import load_checkpoint
+
+    a = load_checkpoint(stage1 / "checkpoints" / "best.pt")["model"]
+    b = load_checkpoint(stage2 / "checkpoints" / "last.pt")["model"]
+    enc = [k for k in b if k.startswith("encoder.")]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)  # frozen: the stage-1 weights, unchanged
+    # a parent whose encoder does not match is refused with one line
+    assert main(["train", "--quiet", *SMALL, f"encoder.init_from={stage1}", "encoder.width=64"]) == 2
