@@ -94,6 +94,10 @@ def test_runs_table_lists_the_run(tiny_run, cache_dir):
     assert tiny_run.name[:15] in p.stdout and "completed" in p.stdout
     p = run_cli(["runs", str(root), "--where", "head.kind=linear"], root.parent, cache_dir)
     assert p.returncode == 0 and "(0)" in p.stdout
+    p = run_cli(["runs", str(root), "--sort", "m2t_mean_rank"], root.parent, cache_dir)
+    assert p.returncode == 0 and "m2t_mean_rank" in p.stdout  # the sorted metric is shown
+    p = run_cli(["runs", str(root), "--sort", "nonsense"], root.parent, cache_dir)
+    assert p.returncode == 2 and "nonsense" in p.stderr
 
 
 def _write_user_npz(path: Path, n: int = 120, broken: str | None = None) -> None:

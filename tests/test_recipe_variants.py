@@ -55,7 +55,8 @@ def test_resume_of_interrupted_run_with_more_steps(tmp_path, monkeypatch, cache_
     state["status"] = "interrupted"  # as after a preemption
     (run / "run.json").write_text(json.dumps(state))
     assert main(["train", "--quiet", f"resume={run}", "data.n_train=100"]) == 2  # would change the data
-    assert main(["train", "--quiet", f"resume={run}", "trainer.max_steps=16"]) == 0
+    # the original command pasted again is fine: its values are the run's own
+    assert main(["train", "--quiet", f"resume={run}", *TINY[:3], "trainer.max_steps=16"]) == 0
     summary = json.loads((run / "facts" / "summary.json").read_text())
     assert summary["steps"] == 16
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,8 @@ HEADLINE = ("m2t_R@1", "t2m_R@1", "zeroshot_acc")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own usage errors: one line, exit 2
-        raise UserError(f"{self.prog}: {message}")
+        cmd = self.prog.removeprefix("modalign").strip()
+        raise UserError(f"{cmd + ': ' if cmd else ''}{message} (see modalign {cmd + ' ' if cmd else ''}--help)")
 
 
 def _console():
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modalign: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("modalign: interrupted", file=sys.stderr)
+        print("modalign: interrupted; continue a run with: modalign train resume=RUN_DIR "
+              "(a sweep: modalign sweep resume=SWEEP_DIR)", file=sys.stderr)
         return 130
 
 
@@ -260,18 +262,27 @@ def cmd_runs(args) -> int:
 
     from modalign.runs.index import find_runs, parse_where, select
 
+    from modalign.runs.facts import smaller_is_better
+
     where = parse_where(args.where)
     records = select(find_runs(Path(args.root)), where)
+    columns = list(HEADLINE)
     if args.sort:
-        records.sort(key=lambda r: (r.metric(args.sort) is None, -(r.metric(args.sort) or 0.0)))
+        if records and all(r.metric(args.sort) is None for r in records):
+            raise UserError(f"--sort {args.sort}: no run under {args.root} has this metric (e.g. m2t_R@1, t2m_mAP, "
+                            "zeroshot_acc, rec_tokens)")
+        sign = 1.0 if smaller_is_better(args.sort) else -1.0  # best first
+        records.sort(key=lambda r: (r.metric(args.sort) is None, sign * (r.metric(args.sort) or 0.0)))
+        if args.sort.split("/")[-1] not in columns:
+            columns.append(args.sort)
     table = Table(title=f"runs under {args.root} ({len(records)})")
-    for col in ("run", "status", "data", "encoder", "head", "steps", *HEADLINE, "wall s"):
-        table.add_column(col, justify="right" if col in HEADLINE or col in ("steps", "wall s") else "left")
+    for col in ("run", "status", "data", "encoder", "head", "steps", *columns, "wall s"):
+        table.add_column(col, justify="right" if col in columns or col in ("steps", "wall s") else "left")
     for r in records:
         s = r.summary or {}
         cells = [r.path.name, r.status, str(r.field("data.name") or ""), str(r.field("encoder.kind") or ""),
                  str(r.field("head.kind") or ""), str(s.get("steps", ""))]
-        for m in HEADLINE:
+        for m in columns:
             v = r.metric(m)
             cells.append("" if v is None else f"{v:.3f}")
         cells.append(f"{s['wall_seconds']:.0f}" if "wall_seconds" in s else "")

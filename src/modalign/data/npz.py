@@ -246,9 +246,9 @@ def _captions_path(npz_path: Path, captions: str | None) -> Path:
     found = [p for p in (npz_path.with_suffix(".jsonl"), npz_path.with_suffix(".json")) if p.exists()]
     if not found:
         raise UserError(f"{npz_path}: no captions file beside it; expected {npz_path.with_suffix('.jsonl')} "
-                        f"or {npz_path.with_suffix('.json')}, or pass captions=PATH")
+                        f"or {npz_path.with_suffix('.json')}, or set data.captions=PATH")
     if len(found) == 2:
-        raise UserError(f"{npz_path}: both {found[0]} and {found[1]} exist; remove one or pass captions=PATH")
+        raise UserError(f"{npz_path}: both {found[0]} and {found[1]} exist; remove one or set data.captions=PATH")
     return found[0]
 
 

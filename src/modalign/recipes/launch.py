@@ -154,8 +154,15 @@ def resume_run(target: str, overrides: list[str]):
     if run_info(run).get("status") == "completed":
         raise UserError(f"resume={target}: the run is already completed; raise trainer.max_steps in a new run instead")
     cfg = load_yaml(run_path / "cfg.yaml")
+    current = dict(flat_items(OmegaConf.to_container(cfg)))
+    try:
+        given = dict(flat_items(OmegaConf.to_container(OmegaConf.from_dotlist([o for o in overrides if "=" in o]))))
+    except Exception as e:  # a malformed override
+        raise UserError(f"resume: cannot parse the overrides ({str(e).splitlines()[0]})") from None
     for o in overrides:
         key = o.split("=", 1)[0]
+        if key in current and given.get(key) == current[key]:
+            continue  # the run's own value, e.g. the original command pasted again
         if "=" not in o or not (key in RESUMABLE or key.startswith("eval.")):
             raise UserError(f"resume: cannot change '{key}' when resuming (the run would no longer equal an "
                             f"uninterrupted one); allowed: {', '.join(sorted(RESUMABLE))}, eval.*")
