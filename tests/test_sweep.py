@@ -53,6 +53,12 @@ def test_every_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatc
             by[(o["bottleneck"], float(o["globals_beta"]))] = _summary(sweep / job["dir"])["test"]["rec_globals"]
         for latent in ("none", "linear", "vq"):
             assert by[(latent, 0.0)] > by[(latent, 1.0)] > by[(latent, 10.0)] * 0.9, by
+        for job in info["jobs"]:  # at globals_beta=0 the head is reported but not optimized
+            if "globals_beta=0" in job["overrides"]:
+                rows = [json.loads(l) for l in (sweep / job["dir"] / "metrics.jsonl").read_text().splitlines()]
+                norms = [r["value"] for r in rows if r["name"] == "grad_norm/globals_head"]
+                assert norms and all(v == 0.0 for v in norms)
+                assert any(r["name"] == "rec_globals" and r["split"] == "train" for r in rows)
         vq = next(j for j in info["jobs"] if "bottleneck=vq" in j["overrides"])
         assert _summary(sweep / vq["dir"])["test"]["vq_perplexity"] > 1.0
         assert (sweep / vq["dir"] / "figures" / "codebook_usage.png").exists()
@@ -112,3 +118,12 @@ def test_align_from_a_stage1_checkpoint_records_its_parent(tmp_path, monkeypatch
     assert enc and all(torch.equal(a[k], b[k]) for k in enc)  # frozen: the stage-1 weights, unchanged
     # a parent whose encoder does not match is refused with one line
     assert main(["train", "--quiet", *SMALL, f"encoder.init_from={stage1}", "encoder.width=64"]) == 2
+
+
+def test_plain_override_sweep_plans_the_cartesian_product():
+    from modalign.recipes.sweep import plan
+
+    p = plan(["bottleneck=none,linear,vq", "seed=0,1,2", "trainer=smoke"])
+    assert p["recipe"] == "autoencode" and p["n_jobs"] == 9 and p["metric"] == "test/total_loss"
+    p = plan(["head=linear,mlp", "seed=0,1,2"])
+    assert p["recipe"] == "align" and p["n_jobs"] == 6 and p["grid"]["head"] == ["linear", "mlp"]

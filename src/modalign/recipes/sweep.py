@@ -35,14 +35,24 @@ def experiment_file(overrides: list[str]) -> Path | None:
     return None
 
 
+STAGE1_KEYS = ("bottleneck", "globals_beta", "decoder.", "globals_head.")
+
+
 def experiment_recipe(overrides: list[str]) -> str:
-    """The recipe an experiment runs (its `recipe:` key); align when there is no experiment."""
+    """The recipe a sweep runs: `recipe=NAME` on the command line, else the experiment's `recipe:`
+    key, else autoencode when the overrides name a stage-1 setting (bottleneck=..., globals_beta=...),
+    else align."""
     import yaml
 
+    for o in overrides:
+        if o.startswith("recipe="):
+            return o.split("=", 1)[1]
     path = experiment_file(overrides)
-    if path is None:
-        return "align"
-    return (yaml.safe_load(path.read_text()) or {}).get("recipe", "align")
+    if path is not None:
+        return (yaml.safe_load(path.read_text()) or {}).get("recipe", "align")
+    if any(o.split("=", 1)[0].startswith(STAGE1_KEYS) for o in overrides):
+        return "autoencode"
+    return "align"
 
 
 def sweep_overrides(overrides: list[str]) -> dict[str, list[str]]:
@@ -85,8 +95,9 @@ def plan(overrides: list[str]) -> dict:
     n = 1
     for values in grid.values():
         n *= len(values)
-    return {"recipe": recipe, "name": name, "metric": meta.get("metric", "test/m2t_R@1"),
-            "mode": meta.get("mode", "max"), "grid": grid, "n_jobs": n, "outputs": resolved["outputs"]}
+    default_metric, default_mode = ("test/m2t_R@1", "max") if recipe == "align" else ("test/total_loss", "min")
+    return {"recipe": recipe, "name": name, "metric": meta.get("metric", default_metric),
+            "mode": meta.get("mode", default_mode), "grid": grid, "n_jobs": n, "outputs": resolved["outputs"]}
 
 
 def new_sweep_dir(outputs: str, name: str) -> Path:
