@@ -14,7 +14,6 @@ same directory, skipping every job whose run is completed.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -103,17 +102,12 @@ def plan(overrides: list[str]) -> dict:
 def new_sweep_dir(outputs: str, name: str) -> Path:
     from datetime import datetime
 
-    base = Path(outputs) / "experiments"
-    base.mkdir(parents=True, exist_ok=True)
-    stem = f"exp_{datetime.now().strftime('%Y%m%d-%H%M%S')}_{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
-    for i in range(1000):  # two sweeps started in the same second get different directories
-        path = base / (stem if i == 0 else f"{stem}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise UserError(f"could not create a fresh sweep directory under {base}")
+    from modalign.runs.rundir import fresh_dir, slug
+
+    try:
+        return fresh_dir(Path(outputs) / "experiments", f"exp_{datetime.now().strftime('%Y%m%d-%H%M%S')}_{slug(name)}")
+    except OSError as e:
+        raise UserError(f"outputs={outputs}: cannot create a sweep directory there ({e.strerror})") from None
 
 
 def write_sweep_yaml(sweep_dir: Path, info: dict) -> None:

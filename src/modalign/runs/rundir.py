@@ -49,16 +49,14 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
 
 
-def new_run_path(root: Path, recipe: str, name: str) -> Path:
-    """Create and return a fresh run dir under root/runs; never reuses an existing directory."""
-    base = Path(root) / "runs"
+def fresh_dir(base: Path, stem: str) -> Path:
+    """Create base/stem, or base/stem-1, -2, ... if taken: two runs or sweeps started in the same
+    second never share a directory (mkdir is atomic)."""
     base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = f"{stamp}_{recipe}_{_slug(name)}"
     for i in range(1000):
         path = base / (stem if i == 0 else f"{stem}-{i}")
         try:
@@ -66,7 +64,12 @@ def new_run_path(root: Path, recipe: str, name: str) -> Path:
             return path
         except FileExistsError:
             continue
-    raise RuntimeError(f"could not create a fresh run directory under {base}")
+    raise RuntimeError(f"could not create a fresh directory under {base}")
+
+
+def new_run_path(root: Path, recipe: str, name: str) -> Path:
+    """Create and return a fresh run dir under root/runs; never reuses an existing directory."""
+    return fresh_dir(Path(root) / "runs", f"{datetime.now().strftime('%Y%m%d-%H%M%S')}_{recipe}_{slug(name)}")
 
 
 class RunDir:
