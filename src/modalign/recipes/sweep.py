@@ -160,7 +160,9 @@ def run_sweep(overrides: list[str], quiet: bool = False) -> tuple[int, Path]:
     the_plan = plan(overrides)
     if resume is None:
         sweep_dir = new_sweep_dir(the_plan["outputs"], the_plan["name"])
+    exp_file = experiment_file(overrides)
     info = {"name": the_plan["name"], "recipe": the_plan["recipe"], "experiment": _experiment_name(overrides),
+            "experiment_config": yaml.safe_load(exp_file.read_text()) if exp_file else None,
             "metric": the_plan["metric"], "mode": the_plan["mode"], "grid": the_plan["grid"],
             "n_jobs": the_plan["n_jobs"], "command_overrides": list(overrides), "status": "running",
             "created_at": now_iso(), "finished_at": None, "jobs": []}
