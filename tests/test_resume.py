@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY
 
 ARGS = [*TINY, "trainer.max_steps=60", "trainer.eval_every=5", "trainer.log_every=1"]
@@ -35,11 +37,18 @@ def _last_step(run_root: Path) -> int:
     return -1
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, cache_dir):
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
-    ref_dir.mkdir(), kill_dir.mkdir()
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir) -> Path:
+    """The uninterrupted run every interrupted one must equal."""
+    ref_dir = tmp_path_factory.mktemp("ref")
     ref = _start(ref_dir, ARGS, cache_dir)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    return next((ref_dir / "outputs" / "runs").iterdir())
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_run):
+    kill_dir = tmp_path / "kill"
+    kill_dir.mkdir()
 
     proc = _start(kill_dir, ARGS, cache_dir)
     runs = kill_dir / "outputs" / "runs"
@@ -58,10 +67,35 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, cache_dir):
                              cwd=kill_dir, env=dict(os.environ, MODALIGN_CACHE=str(cache_dir)),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    ref_run = next((ref_dir / "outputs" / "runs").iterdir())
+    ref_run = reference_run
     assert _curve(run) == _curve(ref_run)  # bit for bit: same losses, metrics and steps
     a = json.loads((run / "facts" / "summary.json").read_text())["test"]
     b = json.loads((ref_run / "facts" / "summary.json").read_text())["test"]
     assert a == b
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
     assert "resuming from" in (run / "run.log").read_text()
+
+
+def test_sigterm_writes_a_checkpoint_marks_interrupted_and_resumes(tmp_path, cache_dir, reference_run):
+    proc = _start(tmp_path, ARGS, cache_dir)
+    runs = tmp_path / "outputs" / "runs"
+    deadline = time.time() + 240
+    while _last_step(runs) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
+    assert proc.wait(timeout=120) == 143
+    stderr = proc.stderr.read()
+    assert "resume=" in stderr and "Traceback" not in stderr
+    run = next(runs.iterdir())
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and "SIGTERM" in info["error"]
+    step = json.loads((run / "checkpoints" / "manifest.json").read_text())["checkpoints"]["last.pt"]["step"]
+    logged = max(r[0] for r in _curve(run) if r[1] == "train")
+    assert step == logged < 60  # the checkpoint is the last step trained, not the last validation
+
+    resumed = subprocess.run([sys.executable, "-m", "modalign", "train", "--quiet", f"resume={run}"],
+                             cwd=tmp_path, env=dict(os.environ, MODALIGN_CACHE=str(cache_dir)),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _curve(run) == _curve(reference_run)

@@ -193,11 +193,15 @@ def execute(cfg, run, quiet: bool, keep_failed: bool = False):
     from modalign.runs.card import write_card
     from modalign.runs.rundir import read_json
 
+    from modalign.train.loop import STOP, Preempted
+
     handler = attach_log(run.path)
     log = logging.getLogger("modalign")
     log.info("run %s: %s", run.path, " ".join(sys.argv))
     recipe = recipe_class(str(cfg.recipe))(cfg, run, progress=not quiet)
     trained = lambda: any(run.checkpoints.glob("*.pt"))  # noqa: E731
+    STOP.clear()
+    previous = _on_sigterm(lambda *_: STOP.set())
     try:
         recipe()
         run.set_status("completed")
@@ -213,6 +217,11 @@ def execute(cfg, run, quiet: bool, keep_failed: bool = False):
         else:
             run.set_status("failed", str(e))
         raise
+    except Preempted as e:
+        run.set_status("interrupted", str(e))
+        log.error("%s", e)
+        print(f"modalign: {e}; continue with: modalign train resume={run.path}", file=sys.stderr)
+        return 143, None  # 128 + SIGTERM, as a killed process would report
     except KeyboardInterrupt:
         run.set_status("interrupted", "interrupted by the user")
         log.error("interrupted")
@@ -224,7 +233,18 @@ def execute(cfg, run, quiet: bool, keep_failed: bool = False):
         print(f"modalign: run failed: {line} (traceback in {run.path / 'run.log'})", file=sys.stderr)
         return 1, None
     finally:
+        _on_sigterm(previous)
         logging.getLogger("modalign").removeHandler(handler)
         handler.close()
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only: elsewhere, e.g. a joblib worker, do nothing)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 

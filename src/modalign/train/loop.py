@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,15 @@ def grad_norms(components: dict[str, list[nn.Parameter]]) -> dict[str, float]:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """Training stopped on request (SIGTERM, as SLURM sends before a kill): last.pt holds the step."""
+
+
+# Set by a signal handler (see modalign.recipes.launch); the loop checks it after every step, so the
+# checkpoint it writes is always between two optimizer steps, never in the middle of one.
+STOP = threading.Event()
 
 
 class Trainer:
@@ -210,6 +220,12 @@ class Trainer:
                     break
             if self.progress:
                 self.progress.update(self.step, values["loss"], last_val.get(cfg.monitor.removeprefix("val/")))
+            if STOP.is_set() and self.step < cfg.max_steps:
+                if not evaluate:
+                    self._save("last.pt")
+                if self.progress:
+                    self.progress.stop()
+                raise Preempted(f"stopped by SIGTERM after step {self.step}; checkpoints/last.pt holds it")
         if self.progress:
             self.progress.stop()
         return {"steps": self.step, "best": self.best, "best_step": self.best_step,
