@@ -37,6 +37,24 @@ def _last_step(run_root: Path) -> int:
     return -1
 
 
+def _signal_after(cwd: Path, cache: Path, step: int, sig: int) -> tuple[subprocess.Popen, Path]:
+    """Start the run, wait until last.pt holds at least `step`, send `sig`. -> (process, runs root)."""
+    proc = _start(cwd, ARGS, cache)
+    runs = cwd / "outputs" / "runs"
+    deadline = time.time() + 240
+    while _last_step(runs) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before the signal could be sent; make it longer"
+    proc.send_signal(sig)
+    return proc, runs
+
+
+def _resume(run: Path, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modalign", "train", "--quiet", f"resume={run}"],
+                          cwd=cwd, env=dict(os.environ, MODALIGN_CACHE=str(cache)),
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache_dir) -> Path:
     """The uninterrupted run every interrupted one must equal."""
@@ -50,22 +68,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_run
     kill_dir = tmp_path / "kill"
     kill_dir.mkdir()
 
-    proc = _start(kill_dir, ARGS, cache_dir)
-    runs = kill_dir / "outputs" / "runs"
-    deadline = time.time() + 240
-    while _last_step(runs) < 15 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
+    proc, runs = _signal_after(kill_dir, cache_dir, 15, signal.SIGKILL)
     proc.wait()
     run = next(runs.iterdir())
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "running"  # killed: never claims to be completed
     assert not (run / "facts" / "summary.json").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "modalign", "train", "--quiet", f"resume={run}"],
-                             cwd=kill_dir, env=dict(os.environ, MODALIGN_CACHE=str(cache_dir)),
-                             capture_output=True, text=True, timeout=300)
+    resumed = _resume(run, kill_dir, cache_dir)
     assert resumed.returncode == 0, resumed.stderr
     ref_run = reference_run
     assert _curve(run) == _curve(ref_run)  # bit for bit: same losses, metrics and steps
@@ -77,13 +87,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, cache_dir, reference_run
 
 
 def test_sigterm_writes_a_checkpoint_marks_interrupted_and_resumes(tmp_path, cache_dir, reference_run):
-    proc = _start(tmp_path, ARGS, cache_dir)
-    runs = tmp_path / "outputs" / "runs"
-    deadline = time.time() + 240
-    while _last_step(runs) < 5 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be stopped"
-    proc.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
+    proc, runs = _signal_after(tmp_path, cache_dir, 5, signal.SIGTERM)  # what SLURM sends before a kill
     assert proc.wait(timeout=120) == 143
     stderr = proc.stderr.read()
     assert "resume=" in stderr and "Traceback" not in stderr
@@ -94,8 +98,6 @@ def test_sigterm_writes_a_checkpoint_marks_interrupted_and_resumes(tmp_path, cac
     logged = max(r[0] for r in _curve(run) if r[1] == "train")
     assert step == logged < 60  # the checkpoint is the last step trained, not the last validation
 
-    resumed = subprocess.run([sys.executable, "-m", "modalign", "train", "--quiet", f"resume={run}"],
-                             cwd=tmp_path, env=dict(os.environ, MODALIGN_CACHE=str(cache_dir)),
-                             capture_output=True, text=True, timeout=300)
+    resumed = _resume(run, tmp_path, cache_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert _curve(run) == _curve(reference_run)
