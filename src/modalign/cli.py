@@ -77,6 +77,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--export-embeddings", action="store_true", help="write facts/embeddings.npz")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
+    rp = sub.add_parser("report", help="tables, plots, verdicts and recommendations over sweeps or runs",
+                        description="Build a report (index.html, report.md, summary.csv, groups.csv, plots) "
+                                    "from sweep or run directories alone.")
+    rp.add_argument("paths", nargs="+", metavar="PATH", help="sweep directories, run directories, or roots holding runs")
+    rp.add_argument("--metric", help="the metric to optimize and compare (default: the sweep's, e.g. m2t_R@1)")
+    rp.add_argument("--baseline", metavar="RUN|GROUP",
+                    help="compare every group with this one (a group label such as head=linear, or a run dir), "
+                         "Holm-corrected")
+    rp.add_argument("--out", metavar="DIR", help="where to write (default: PATH/report for one sweep or root, "
+                                                "else outputs/reports/report_<stamp>)")
+    rp.add_argument("--export", metavar="DIR", help="also copy each run's card.md, run.json and "
+                                                   "predictions.jsonl into DIR for archiving")
+    rp.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    rp.add_argument("--quiet", "-q", action="store_true", help="print only the path of index.html")
+
+    c = sub.add_parser("compare", help="paired comparison of runs or groups of runs on the same test examples",
+                       description="Compare a baseline A with one or more candidates B... Each side is a run "
+                                   "directory, or a sweep/root directory narrowed to one configuration with "
+                                   "PATH:KEY=VALUE[,KEY=VALUE] (e.g. SWEEP:head=mlp). Refuses sides that are not "
+                                   "comparable (data splits, eval protocol, parent checkpoints) unless "
+                                   "--allow-mismatch.")
+    c.add_argument("sides", nargs="+", metavar="SIDE", help="A (the baseline), then B, C, ... (candidates)")
+    c.add_argument("--metric", default="m2t_R@1", help="a per-example test metric (default m2t_R@1)")
+    c.add_argument("--where", action="append", default=[], metavar="KEY=VALUE", help="a filter applied to every side")
+    c.add_argument("--allow-mismatch", action="store_true",
+                   help="compare even when the fingerprints differ; every table then says so")
+    c.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
     r = sub.add_parser("runs", help="a table of the runs under a root")
     r.add_argument("root", nargs="?", default="outputs", help="directory to search (default: outputs)")
     r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
@@ -98,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
-                "runs": cmd_runs}[args.command](args)
+                "report": cmd_report, "compare": cmd_compare, "runs": cmd_runs}[args.command](args)
     except UserError as e:
         print(f"modalign: error: {e}", file=sys.stderr)
         return 2
@@ -140,11 +169,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: the `demo` experiment (a small sweep on the embedded data) and its table."""
-    import json
-
-    import yaml
-
+    """The main job: the `demo` experiment (a small sweep on the embedded data), its table and report."""
     from modalign.recipes.sweep import run_sweep
 
     console = _console()
@@ -153,19 +178,7 @@ def cmd_demo(args) -> int:
                       "(embedded demo data, frozen all-MiniLM-L6-v2): linear vs MLP heads, 2 seeds each")
     code, sweep_dir = run_sweep(["experiment=demo", *args.overrides], quiet=args.quiet)
     _print_sweep(sweep_dir)
-    groups: dict[str, list[float]] = {}
-    chance = None
-    for run in sorted(p for p in sweep_dir.iterdir() if (p / "facts" / "summary.json").exists()):
-        s = json.loads((run / "facts" / "summary.json").read_text())
-        overrides = yaml.safe_load((run / "overrides.yaml").read_text()) or []
-        head = next((o.split("=", 1)[1] for o in overrides if o.startswith("head=")), "?")
-        groups.setdefault(head, []).append(s["test"]["m2t_R@1"])
-        chance = s["chance"].get("m2t_R@1")
-    for head, values in groups.items():
-        mean = sum(values) / len(values)
-        console.print(f"head={head:<7} test m2t_R@1 (same facts) mean {mean:.3f} over {len(values)} seeds "
-                      f"[{', '.join(f'{v:.3f}' for v in values)}]" + (f"   chance {chance:.4f}" if chance else ""))
-    console.print(f"sweep: {sweep_dir}   (modalign runs {sweep_dir})")
+    _print_report(sweep_dir / "report")
     return code
 
 
@@ -175,6 +188,7 @@ def cmd_sweep(args) -> int:
 
     code, sweep_dir = run_sweep(args.overrides, quiet=args.quiet)
     _print_sweep(sweep_dir)
+    _print_report(sweep_dir / "report")
     return code
 
 
@@ -204,6 +218,148 @@ def _print_sweep(sweep_dir: Path) -> None:
     for job in info.get("jobs", []):
         if job["status"] != "completed":
             print(f"job {job['dir']} {job['status']}: {job.get('error')}", file=sys.stderr)
+
+
+# report -----------------------------------------------------------------------------------------
+def _print_report(out: Path, rep=None) -> None:
+    """Each group's verdict (or its metric with CI), the recommendations, and where index.html is."""
+    import json
+
+    from rich.table import Table
+
+    console = _console()
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        console.print(f"no report in {out}")
+        return
+    if summary.get("verdicts"):
+        table = Table(title=f"verdicts on {summary['verdicts'][0]['metric']} (95% CI over seeds)")
+        for col in ("group", "n", "verdict", "next step"):
+            table.add_column(col, justify="right" if col == "n" else "left")
+        for v in summary["verdicts"]:
+            table.add_row(v["group"], str(v["n"]), v["line"].split(" → ")[0] + " → " + v["verdict"]
+                          + (f" ({v['note']})" if v["note"] else ""), v["next"])
+        console.print(table)
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow]: {w}")
+    for line in summary.get("recommendations", []):
+        console.print(f"• {line}", soft_wrap=False)
+    console.print(f"report: {out / 'index.html'}")
+
+
+def cmd_report(args) -> int:
+    from datetime import datetime
+
+    from modalign.report.build import collect, export_runs, write_report
+
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.is_dir():
+            raise UserError(f"{p}: no such directory")
+    if args.resamples < 1:
+        raise UserError(f"--resamples {args.resamples}: must be a positive number")
+    if args.out:
+        out = Path(args.out)
+    elif len(paths) == 1 and not (paths[0] / "run.json").exists():
+        out = paths[0] / "report"
+    else:
+        out = Path("outputs") / "reports" / f"report_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    rep = collect(paths, args.metric, args.baseline, n_resamples=args.resamples)
+    index = write_report(rep, out)
+    if args.export:
+        n = export_runs(rep, Path(args.export))
+        if not args.quiet:
+            _console().print(f"exported {n} runs (card.md, run.json, predictions.jsonl) to {args.export}")
+    if args.quiet:
+        print(index)
+    else:
+        _print_report(out)
+    return 0
+
+
+def _side(spec: str, where: list[tuple[str, str]], name: str):
+    """A compare side 'PATH[:KEY=VALUE,...]' -> one Group of completed runs (one configuration)."""
+    from modalign.analysis.comparability import differences, fingerprint
+    from modalign.analysis.groups import group_runs
+    from modalign.runs.index import find_runs, parse_where, select
+
+    path, _, filters = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    own = parse_where([f for f in filters.split(",") if f]) if filters else []
+    records = [r for r in select(find_runs(Path(path)), where + own) if r.status == "completed"]
+    if not records:
+        raise UserError(f"{spec}: no completed run matches")
+    groups = group_runs(records)
+    if len(groups) > 1:
+        labels = "; ".join(g.label for g in groups)
+        raise UserError(f"{spec}: holds {len(groups)} configurations ({labels}); narrow it to one, "
+                        f"e.g. {path}:{groups[0].label.split(', ')[0]}")
+    g = groups[0]
+    base = fingerprint(g.runs[0].info)
+    for r in g.runs[1:]:
+        diff = differences(base, fingerprint(r.info), (str(g.runs[0].path), str(r.path)))
+        if diff:
+            raise UserError(f"{spec}: its runs are not comparable with each other: {diff[0]}")
+    g.label = name
+    return g
+
+
+def cmd_compare(args) -> int:
+    from rich.table import Table
+
+    from modalign.analysis.comparability import config_diff
+    from modalign.analysis.compare import describe, mismatches, paired_comparison
+    from modalign.report.build import full_metric
+    from modalign.runs.facts import per_example_column
+    from modalign.runs.index import parse_where
+
+    if len(args.sides) < 2:
+        raise UserError("compare: give a baseline and at least one candidate (modalign compare A B)")
+    if args.resamples < 1:
+        raise UserError(f"--resamples {args.resamples}: must be a positive number")
+    metric = full_metric(args.metric)
+    if per_example_column(metric) is None:
+        raise UserError(f"--metric {args.metric}: not a mean over test examples, so there is nothing to pair; "
+                        "use e.g. m2t_R@1, t2m_R@5, m2t_mAP or zeroshot_acc")
+    where = parse_where(args.where)
+    names = [chr(ord("A") + i) for i in range(len(args.sides))]
+    sides = [_side(spec, where, n) for spec, n in zip(args.sides, names)]
+    console = _console()
+    for n, spec, g in zip(names, args.sides, sides):
+        console.print(f"{n}: {spec} — {len(g.completed)} completed runs, seeds {', '.join(map(str, g.seeds))}")
+    problems = [f"{c.label} vs {sides[0].label}: {d}" for c in sides[1:] for d in mismatches(sides[0], c)]
+    if problems and not args.allow_mismatch:
+        raise UserError(f"compare: not comparable: {problems[0]}"
+                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                        + "; --allow-mismatch compares them anyway")
+    mark = " [MISMATCH: " + "; ".join(problems) + "]" if problems else ""
+    for p in problems:
+        console.print(f"[yellow]warning[/yellow]: compared despite a mismatch: {p}")
+    if not problems:
+        console.print("comparable: same data splits, eval protocol and parent checkpoints")
+    diff = config_diff({g.label: g.config for g in sides})
+    if diff:
+        table = Table(title="config: what differs" + mark)
+        for col in ("key", *names):
+            table.add_column(col)
+        for k, vals in diff.items():
+            table.add_row(k, *[str(vals[n]) for n in names])
+        console.print(table)
+    else:
+        console.print("config: identical (apart from seeds and bookkeeping)")
+    rows = paired_comparison(sides[0], sides[1:], metric, args.resamples, args.seed)
+    table = Table(title=f"paired bootstrap on {metric}, candidate − A ({args.resamples} resamples, seed {args.seed})"
+                  + mark)
+    for col in ("candidate", "A mean", "candidate mean", "difference [95% CI]", "p", "p (Holm)", "d_z", "examples"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for r in rows:
+        table.add_row(r["candidate"], f"{r['baseline_mean']:.4f}", f"{r['candidate_mean']:.4f}",
+                      f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]", f"{r['p_value']:.4g}",
+                      f"{r['p_holm']:.4g}", f"{r['effect_size']:.2f}", str(r["n_examples"]))
+    console.print(table)
+    for r in rows:
+        console.print(describe(r) + mark, soft_wrap=False)
+    return 0
 
 
 # eval -------------------------------------------------------------------------------------------

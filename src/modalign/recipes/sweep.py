@@ -89,6 +89,10 @@ def plan(overrides: list[str]) -> dict:
     job0 = first_job(fixed, grid)
     resolved = to_container(compose(job0, root_config(recipe)), "")
     check_resolved(resolved, job0, recipe)
+    if resolved.get("criteria") is not None:  # bad criteria fail now, not after the last job
+        from modalign.analysis.criteria import parse_criteria
+
+        parse_criteria(resolved["criteria"], f"experiment {experiment_file(overrides) or 'config'}")
     meta = resolved.get("sweep") or {}
     name = meta.get("name") or (Path(experiment_file(overrides)).stem if experiment_file(overrides) else "sweep")
     n = 1
@@ -178,7 +182,22 @@ def run_sweep(overrides: list[str], quiet: bool = False) -> tuple[int, Path]:
     info.update(jobs=jobs, finished_at=now_iso(),
                 status="completed" if jobs and all(j["status"] == "completed" for j in jobs) else "incomplete")
     write_sweep_yaml(sweep_dir, info)
+    write_sweep_report(sweep_dir, quiet)
     return (0 if info["status"] == "completed" else 1), sweep_dir
+
+
+def write_sweep_report(sweep_dir: Path, quiet: bool) -> Path | None:
+    """SWEEP/report/: tables, plots, verdicts (see `modalign.report.build`). A sweep whose every job
+    failed before it started has nothing to report; the sweep's own table says why."""
+    from modalign.report.build import collect, write_report
+
+    try:
+        rep = collect([sweep_dir])
+    except UserError as e:
+        if not quiet:
+            print(f"sweep {sweep_dir}: no report ({e})", file=sys.stderr)
+        return None
+    return write_report(rep, sweep_dir / "report")
 
 
 def _experiment_name(overrides: list[str]) -> str | None:

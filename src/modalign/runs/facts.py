@@ -40,6 +40,26 @@ def smaller_is_better(name: str) -> bool:
             or "seconds" in leaf or leaf == "temperature")
 
 
+def per_example_column(metric: str) -> str | None:
+    """The facts/scores.parquet column whose mean over examples is `metric` (test/ prefix
+    optional), or None when the metric is not a mean over examples (median rank, logit scale):
+    R@k -> r{k} (0/1 hits), mAP -> ap, mean_rank -> rank, zeroshot_acc -> zeroshot_correct, and a
+    per-example reconstruction error keeps its name."""
+    leaf = metric.split("/", 1)[1] if metric.startswith(("test/", "val/", "train/")) else metric
+    prefix, _, name = leaf.rpartition("/")
+    prefix = prefix + "/" if prefix else ""
+    direction, _, kind = name.partition("_")
+    if direction in ("m2t", "t2m"):
+        if kind.startswith("R@"):
+            return f"{prefix}{direction}_r{kind[2:]}"
+        return {"mAP": f"{prefix}{direction}_ap", "mean_rank": f"{prefix}{direction}_rank"}.get(kind)
+    if name == "zeroshot_acc":
+        return "zeroshot_correct"
+    if name in ("median_rank", "logit_scale", "temperature") or name.startswith("vq_"):
+        return None
+    return leaf
+
+
 def write_scores(path, data: PairedData, per_example: dict[str, np.ndarray]) -> None:
     cols = {"id": data.ids.astype(str)}
     if data.labels is not None:

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from modalign.errors import UserError
 from modalign.runs.card import flatten
 
@@ -16,6 +18,7 @@ class RunRecord:
     info: dict
     summary: dict | None
     config: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # the command-line overrides that made it
 
     @property
     def status(self) -> str:
@@ -32,18 +35,32 @@ class RunRecord:
         return None if entry is None else entry["best"]
 
     def field(self, key: str):
-        """A value by dotted key from run.json (e.g. status, data.name) or the config (head.kind)."""
+        """A value by dotted key from run.json (e.g. status, data.name), the config (head.kind), or
+        the overrides (head=mlp chose the config group)."""
         flat = flatten(self.info)
         if key in flat:
             return flat[key]
-        return flatten(self.config).get(key)
+        flat = flatten(self.config)
+        if key in flat:
+            return flat[key]
+        # a config group chosen on the command line: head=mlp is in the overrides, not the config
+        given = dict(o.lstrip("+~").split("=", 1) for o in self.overrides if "=" in o)
+        return given.get(key)
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: a report reads 1,000s of configs
+
+
+def _natural(path: Path) -> tuple:
+    """Sort key in which sweep job 2 comes before job 10."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
 
 
 def find_runs(root: Path) -> list[RunRecord]:
     root = Path(root)
     if not root.exists():
         raise UserError(f"{root}: no such directory")
-    paths = [root] if (root / "run.json").exists() else sorted(p.parent for p in root.rglob("run.json"))
+    paths = [root] if (root / "run.json").exists() else sorted((p.parent for p in root.rglob("run.json")), key=_natural)
     records = []
     for p in paths:
         try:
@@ -58,13 +75,17 @@ def find_runs(root: Path) -> list[RunRecord]:
                 summary = None
         config = {}
         if (p / "cfg.yaml").exists():
-            import yaml
-
             try:
-                config = yaml.safe_load((p / "cfg.yaml").read_text(encoding="utf-8")) or {}
+                config = yaml.load((p / "cfg.yaml").read_text(encoding="utf-8"), Loader=_Loader) or {}
             except yaml.YAMLError:
                 config = {}
-        records.append(RunRecord(p, info, summary, config))
+        overrides = []
+        if (p / "overrides.yaml").exists():
+            try:
+                overrides = [str(o) for o in (yaml.load((p / "overrides.yaml").read_text(encoding="utf-8"), Loader=_Loader) or [])]
+            except (yaml.YAMLError, TypeError):
+                overrides = []
+        records.append(RunRecord(p, info, summary, config, overrides))
     return records
 
 

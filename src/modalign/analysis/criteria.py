@@ -1,0 +1,128 @@
+"""Success criteria as data: bands on a metric -> a verdict and the next step. No torch.
+
+An experiment config may carry
+
+    criteria:
+      metric: test/m2t_R@1
+      bands:
+        - {min: 0.6, verdict: verified, next: "proceed to stage 3"}
+        - {min: 0.3, verdict: partial, next: "train longer, then re-run"}
+        - {verdict: blocked, next: "check the logs"}          # no min: everything below
+
+A band holds values >= its `min`; the band without `min` (at most one) catches the rest. For a
+metric where smaller is better, write `max` instead of `min` in every band.
+
+The verdict is judged on the 95% CI over seeds, not on the mean alone: when the whole interval lies
+in one band, that band is the verdict. When the interval straddles a threshold the verdict is the
+less favourable band the interval reaches (the lower one for a larger-is-better metric), and the
+verdict says so and names the threshold: moving on to the next phase on the strength of a mean
+whose interval still reaches the band below is how a week of compute gets spent on a result
+that does not reproduce. With one run there is no interval; the verdict says that too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from modalign.errors import UserError
+
+
+@dataclass(frozen=True)
+class Band:
+    bound: float | None  # min (or max when smaller is better); None = the catch-all band
+    verdict: str
+    next: str
+
+
+@dataclass(frozen=True)
+class Criteria:
+    metric: str
+    bands: tuple[Band, ...]  # most favourable first; the catch-all (if any) last
+    smaller_is_better: bool = False
+
+    def band(self, value: float) -> Band | None:
+        for b in self.bands:
+            if b.bound is None:
+                return b
+            if (value <= b.bound) if self.smaller_is_better else (value >= b.bound):
+                return b
+        return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str
+    next: str
+    note: str  # "" when the CI lies in one band
+
+    def line(self, metric: str, estimate: float, low: float, high: float) -> str:
+        ci = f" [{low:.3f}, {high:.3f}]" if not math.isnan(low) else ""
+        tail = f" ({self.note})" if self.note else ""
+        return f"{metric} {estimate:.3f}{ci} → {self.verdict} → {self.next}{tail}"
+
+
+def parse_criteria(obj, where: str) -> Criteria:
+    """A `criteria:` mapping -> Criteria; UserError naming `where` and the key on bad input."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: criteria must be a mapping with 'metric' and 'bands', got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"metric", "bands"})
+    if unknown:
+        raise UserError(f"{where}: criteria.{unknown[0]} is not a criteria key (metric, bands)")
+    metric = obj.get("metric")
+    if not isinstance(metric, str) or not metric:
+        raise UserError(f"{where}: criteria.metric must be a metric name such as test/m2t_R@1, got {metric!r}")
+    bands = obj.get("bands")
+    if not isinstance(bands, list) or not bands:
+        raise UserError(f"{where}: criteria.bands must be a non-empty list of {{min, verdict, next}}")
+    kinds = {k for b in bands if isinstance(b, dict) for k in ("min", "max") if k in b}
+    if len(kinds) > 1:
+        raise UserError(f"{where}: criteria.bands mixes 'min' and 'max'; use min (larger is better) or max throughout")
+    key = kinds.pop() if kinds else "min"
+    parsed, catch_all = [], None
+    for i, b in enumerate(bands):
+        at = f"{where}: criteria.bands[{i}]"
+        if not isinstance(b, dict):
+            raise UserError(f"{at} must be a mapping {{{key}, verdict, next}}, got {b!r}")
+        extra = sorted(set(b) - {key, "verdict", "next"})
+        if extra:
+            raise UserError(f"{at}.{extra[0]} is not a band key ({key}, verdict, next)")
+        for k in ("verdict", "next"):
+            if not isinstance(b.get(k), str) or not b[k].strip():
+                raise UserError(f"{at}.{k} must be a non-empty string, got {b.get(k)!r}")
+        bound = b.get(key)
+        if bound is None:
+            if catch_all is not None:
+                raise UserError(f"{at}: only one band may leave out '{key}' (the catch-all)")
+            catch_all = Band(None, b["verdict"], b["next"])
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+            raise UserError(f"{at}.{key} must be a finite number, got {bound!r}")
+        parsed.append(Band(float(bound), b["verdict"], b["next"]))
+    smaller = key == "max"
+    parsed.sort(key=lambda b: b.bound, reverse=not smaller)
+    bounds = [b.bound for b in parsed]
+    if len(set(bounds)) != len(bounds):
+        raise UserError(f"{where}: criteria.bands has two bands with {key} {bounds}")
+    return Criteria(metric, tuple(parsed) + ((catch_all,) if catch_all else ()), smaller)
+
+
+def judge(criteria: Criteria, estimate: float, low: float, high: float) -> Verdict:
+    """The verdict for a metric's estimate and its CI (low, high; NaN when there is one run)."""
+    at_mean = criteria.band(estimate)
+    if math.isnan(low) or math.isnan(high):
+        b = at_mean
+        return Verdict(b.verdict if b else "none", b.next if b else "no band covers this value",
+                       "one run: no CI, verdict from the single value")
+    worse_end = high if criteria.smaller_is_better else low
+    better_end = low if criteria.smaller_is_better else high
+    b_worse, b_better = criteria.band(worse_end), criteria.band(better_end)
+    if b_worse is None:
+        return Verdict("none", "no band covers this value", "")
+    if b_worse == b_better:
+        return Verdict(b_worse.verdict, b_worse.next, "")
+    crossed = [b.bound for b in criteria.bands if b.bound is not None
+               and min(low, high) < b.bound <= max(low, high)]
+    thresholds = ", ".join(f"{t:g}" for t in crossed)
+    mean_says = f"the mean alone says {at_mean.verdict}" if at_mean and at_mean != b_worse else "more seeds narrow it"
+    return Verdict(b_worse.verdict, b_worse.next, f"CI straddles {thresholds}; {mean_says}")

@@ -1,0 +1,339 @@
+"""`modalign report PATH...`: tables, plots, verdicts and recommendations from run directories alone.
+
+    report/
+        summary.csv, summary.json   one row per run: varied parameters, status, best and final value
+                                    of every metric, parameters, wall time
+        groups.csv                  runs grouped by configuration over seeds: mean, std, n, 95% CI
+        comparisons.csv             paired comparisons (best vs runner-up, or each vs --baseline)
+        curves.png, by_group.png, heatmap.png, pareto.png
+        index.html                  one self-contained page (images inlined, no network)
+        report.md                   the same tables in markdown
+
+No torch: a report builds in a light environment, and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from modalign.analysis.compare import describe, mismatches, paired_comparison
+from modalign.analysis.criteria import Criteria, judge, parse_criteria
+from modalign.analysis.groups import Group, find_group, group_runs
+from modalign.errors import UserError
+from modalign.runs.facts import per_example_column, smaller_is_better
+from modalign.runs.index import RunRecord, find_runs
+
+HEADLINE = {"align": ("test/m2t_R@1", "test/t2m_R@1", "test/zeroshot_acc"),
+            "autoencode": ("test/total_loss", "test/rec_tokens", "test/rec_globals")}
+DEFAULT_METRIC = {"align": "test/m2t_R@1", "autoencode": "test/total_loss"}
+
+
+def full_metric(name: str) -> str:
+    """'m2t_R@1' -> 'test/m2t_R@1'; names with a split prefix stay as they are."""
+    return name if name.startswith(("test/", "val/", "train/")) else f"test/{name}"
+
+
+@dataclass
+class Report:
+    title: str
+    sources: list[Path]
+    metric: str
+    larger_is_better: bool
+    records: list[RunRecord]
+    groups: list[Group]
+    metrics: list[str]  # the group table's metrics, the optimized one first
+    missing: list[dict] = field(default_factory=list)  # sweep jobs that left no run.json
+    criteria: Criteria | None = None
+    verdicts: list[dict] = field(default_factory=list)
+    recommendations: list[str] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    config_diff: dict = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    def display(self, record: RunRecord) -> str:
+        return _relative(record.path, self.sources)
+
+
+def _relative(path: Path, sources: list[Path]) -> str:
+    roots = [s.resolve() for s in sources]
+    common = Path(os.path.commonpath(roots)) if roots else Path(".")
+    if len(roots) == 1 and roots[0] == path.resolve():
+        return path.name
+    try:
+        rel = path.resolve().relative_to(common if common != path.resolve() else common.parent)
+    except ValueError:
+        return str(path)
+    return str(rel) or path.name
+
+
+def _sweep_info(path: Path) -> dict | None:
+    import yaml
+
+    f = path / "sweep.yaml"
+    if not f.exists():
+        return None
+    try:
+        return yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def collect(paths: list[Path], metric: str | None = None, baseline: str | None = None,
+            n_resamples: int = 10_000, random_state: int = 0) -> Report:
+    """Read the runs under `paths`, group them, and compute every number the report shows."""
+    sources = [Path(p) for p in paths]
+    records: list[RunRecord] = []
+    seen: set[Path] = set()
+    sweeps, missing = [], []
+    for src in sources:
+        found = find_runs(src)
+        info = _sweep_info(src)
+        if info is not None:
+            sweeps.append((src, info))
+            have = {r.path.name for r in found}
+            for job in info.get("jobs") or []:
+                if str(job.get("dir")) not in have:
+                    missing.append({"run": str(src / str(job.get("dir"))), "status": job.get("status") or "missing",
+                                    "error": job.get("error") or "the job left no run directory"})
+        for r in found:
+            if r.path.resolve() not in seen:
+                seen.add(r.path.resolve())
+                records.append(r)
+    if not records and not missing:
+        raise UserError(f"{', '.join(map(str, sources))}: no run directories (run.json) found")
+    recipes = sorted({str(r.info.get("recipe")) for r in records if r.info.get("recipe")})
+    recipe = recipes[0] if len(recipes) == 1 else "align"
+
+    criteria = None
+    for src, info in sweeps:
+        crit = (info.get("experiment_config") or {}).get("criteria")
+        if crit is not None:
+            criteria = parse_criteria(crit, str(src / "sweep.yaml"))
+            break
+    if criteria is None:
+        for r in records:
+            if r.config.get("criteria") is not None:
+                criteria = parse_criteria(r.config["criteria"], str(r.path / "cfg.yaml"))
+                break
+
+    sweep_metric = next((info.get("metric") for _, info in sweeps if info.get("metric")), None)
+    chosen = full_metric(metric or sweep_metric or (criteria.metric if criteria else DEFAULT_METRIC.get(recipe, "test/m2t_R@1")))
+    completed = [r for r in records if r.status == "completed"]
+    if metric is not None and completed and all(r.metric(chosen) is None for r in completed):
+        known = sorted({k for r in completed for k in (r.summary or {}).get("test", {})})
+        raise UserError(f"--metric {metric}: no completed run has it (test metrics: {', '.join(known[:12])}...)")
+    mode_max = not smaller_is_better(chosen)
+    for _, info in sweeps:
+        if info.get("metric") and full_metric(info["metric"]) == chosen and info.get("mode") in ("max", "min"):
+            mode_max = info["mode"] == "max"
+
+    title = " + ".join(str(info.get("name") or src.name) for src, info in sweeps) or ", ".join(s.name for s in sources)
+    groups = group_runs(records)
+    metrics = [chosen] + [m for m in HEADLINE.get(recipe, ()) if m != chosen]
+    if criteria is not None and full_metric(criteria.metric) not in metrics:
+        metrics.append(full_metric(criteria.metric))
+    metrics = [m for m in metrics if any(r.metric(m) is not None for r in completed)] or [chosen]
+    rep = Report(title, sources, chosen, mode_max, records, groups, metrics, missing, criteria)
+
+    from modalign.analysis.comparability import config_diff
+
+    rep.config_diff = config_diff({g.label: g.config for g in groups}) if len(groups) > 1 else {}
+    sets = sorted({g.comparable_set for g in groups})
+    if len(sets) > 1:
+        first = {s: next(g for g in groups if g.comparable_set == s) for s in sets}
+        for s in sets[1:]:
+            why = "; ".join(mismatches(first[sets[0]], first[s]))
+            rep.warnings.append(f"runs fall into {len(sets)} comparable sets; set {sets[0]} and set {s} are never "
+                                f"compared with each other: {why}")
+    _verdicts(rep, n_resamples, random_state)
+    _recommend(rep, baseline, n_resamples, random_state)
+    return rep
+
+
+def _verdicts(rep: Report, n_resamples: int, random_state: int) -> None:
+    if rep.criteria is None:
+        return
+    m = full_metric(rep.criteria.metric)
+    for g in rep.groups:
+        st = g.stats(m, n_resamples, random_state)
+        if st["n"] == 0:
+            rep.verdicts.append({"group": g.label, "metric": m, "n": 0, "estimate": math.nan, "low": math.nan,
+                                 "high": math.nan, "verdict": "no result", "next": "no completed run: see the runs table",
+                                 "note": "", "line": f"{m}: no completed run"})
+            continue
+        v = judge(rep.criteria, st["mean"], st["ci_low"], st["ci_high"])
+        rep.verdicts.append({"group": g.label, "metric": m, "n": st["n"], "estimate": st["mean"],
+                             "low": st["ci_low"], "high": st["ci_high"], "verdict": v.verdict, "next": v.next,
+                             "note": v.note, "line": v.line(m, st["mean"], st["ci_low"], st["ci_high"])})
+
+
+def _ranked(rep: Report, groups: list[Group]) -> list[tuple[Group, dict]]:
+    scored = [(g, g.stats(rep.metric, 2_000)) for g in groups]
+    scored = [(g, s) for g, s in scored if s["n"] > 0]
+    return sorted(scored, key=lambda gs: -gs[1]["mean"] if rep.larger_is_better else gs[1]["mean"])
+
+
+def _fmt_ci(st: dict) -> str:
+    if math.isnan(st["ci_low"]):
+        return f"{st['mean']:.3f} (1 run)"
+    return f"{st['mean']:.3f} [{st['ci_low']:.3f}, {st['ci_high']:.3f}] over {st['n']} runs"
+
+
+def _recommend(rep: Report, baseline: str | None, n_resamples: int, random_state: int) -> None:
+    direction = "higher" if rep.larger_is_better else "lower"
+    paired = per_example_column(rep.metric) is not None and rep.metric.startswith("test/")
+    if baseline is not None:
+        base = find_group(rep.groups, baseline)
+        if base is None:
+            labels = "; ".join(g.label for g in rep.groups)
+            raise UserError(f"--baseline {baseline}: no such group or run (groups: {labels})")
+        others = [g for g in rep.groups if g is not base and g.comparable_set == base.comparable_set and g.completed]
+        if others and paired:
+            rep.comparisons = paired_comparison(base, others, rep.metric, n_resamples, random_state)
+            for row in rep.comparisons:
+                rep.recommendations.append(describe(row) + (" (Holm-corrected over "
+                                                            f"{len(rep.comparisons)} candidates)" if len(rep.comparisons) > 1 else ""))
+    for s in sorted({g.comparable_set for g in rep.groups}):
+        ranked = _ranked(rep, [g for g in rep.groups if g.comparable_set == s])
+        prefix = f"[set {s}] " if len({g.comparable_set for g in rep.groups}) > 1 else ""
+        if not ranked:
+            rep.recommendations.append(f"{prefix}No completed run has {rep.metric}: nothing to recommend.")
+            continue
+        best, st = ranked[0]
+        if len(ranked) == 1:
+            rep.recommendations.append(f"{prefix}One configuration ({best.label}): {rep.metric} {_fmt_ci(st)}; "
+                                       "nothing to compare it with.")
+            continue
+        runner, st2 = ranked[1]
+        line = (f"{prefix}Best on {rep.metric} ({direction} is better): {best.label}, {_fmt_ci(st)}; "
+                f"runner-up {runner.label}, {_fmt_ci(st2)}.")
+        if paired and baseline is None:
+            row = paired_comparison(runner, [best], rep.metric, n_resamples, random_state)[0]
+            rep.comparisons.append(row)
+            better = row["p_value"] < 0.05 and (row["diff"] > 0) == rep.larger_is_better
+            verdict = ("It is significantly better than the runner-up" if better else
+                       "It is not significantly better than the runner-up: treat them as tied until more "
+                       "seeds or a larger test set separate them")
+            line += f" {verdict}: {describe(row)}."
+        elif not paired:
+            overlap = not (st["ci_low"] > st2["ci_high"] or st2["ci_low"] > st["ci_high"])
+            line += (" No per-example scores for this metric, so no paired test; the CIs over runs "
+                     + ("overlap: not separated." if overlap else "do not overlap."))
+        rep.recommendations.append(line)
+
+
+# tables ----------------------------------------------------------------------------------------
+def runs_table(rep: Report) -> pd.DataFrame:
+    """One row per run (and per sweep job that left no run directory)."""
+    label = {id(r): g.label for g in rep.groups for r in g.runs}
+    cset = {id(r): g.comparable_set for g in rep.groups for r in g.runs}
+    params = sorted({k for g in rep.groups for k in g.params})
+    param_of = {id(r): g.params for g in rep.groups for r in g.runs}
+    rows = []
+    for r in rep.records:
+        s = r.summary or {}
+        p = r.info.get("params") or {}
+        row = {"run": rep.display(r), "group": label.get(id(r), ""), "set": cset.get(id(r), ""),
+               **{k: param_of.get(id(r), {}).get(k) for k in params},
+               "seed": r.info.get("seed"), "status": r.status, "error": r.info.get("error"),
+               "variant": (r.info.get("variant") or {}).get("name"),
+               "steps": s.get("steps"), "wall_seconds": s.get("wall_seconds"),
+               "params_total": p.get("total"), "params_trainable": p.get("trainable")}
+        for key, e in sorted((s.get("metrics") or {}).items()):
+            row[f"{key} best"] = e.get("best")
+            row[f"{key} final"] = e.get("final")
+        rows.append(row)
+    for m in rep.missing:
+        rows.append({"run": _relative(Path(m["run"]), rep.sources), "status": m["status"], "error": m["error"]})
+    return pd.DataFrame(rows)
+
+
+def groups_table(rep: Report, n_resamples: int = 10_000, random_state: int = 0) -> pd.DataFrame:
+    rows = []
+    for g in rep.groups:
+        row = {"group": g.label, "set": g.comparable_set, **{k: v for k, v in g.params.items()},
+               "runs": len(g.runs), "completed": len(g.completed),
+               "not completed": ", ".join(f"{r.path.name} {r.status}" for r in g.runs if r.status != "completed")}
+        for m in rep.metrics:
+            st = g.stats(m, n_resamples, random_state)
+            row.update({f"{m} mean": st["mean"], f"{m} std": st["std"], f"{m} n": st["n"],
+                        f"{m} ci_low": st["ci_low"], f"{m} ci_high": st["ci_high"], f"{m} iqm": st["iqm"]})
+        trainable = [(r.info.get("params") or {}).get("trainable") for r in g.completed]
+        walls = [(r.summary or {}).get("wall_seconds") for r in g.completed]
+        row["params_trainable"] = float(np.mean([t for t in trainable if t is not None])) if any(trainable) else np.nan
+        row["wall_seconds"] = float(np.mean([w for w in walls if w is not None])) if any(walls) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
+    return obj
+
+
+def write_report(rep: Report, out: Path, quiet: bool = True) -> Path:
+    """Write every file of the report into `out`; -> the path of index.html."""
+    from modalign.report.html import render_html, render_markdown
+    from modalign.report.plots import plot_report
+    from modalign.runs.rundir import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the report directory ({e.strerror})") from None
+    runs = runs_table(rep)
+    groups = groups_table(rep)
+    runs.to_csv(out / "summary.csv", index=False)
+    atomic_write_json(out / "summary.json", _json_safe({
+        "title": rep.title, "metric": rep.metric, "larger_is_better": rep.larger_is_better,
+        "sources": [str(s) for s in rep.sources], "warnings": rep.warnings,
+        "runs": [{"run": rep.display(r), "path": str(r.path), "status": r.status, "error": r.info.get("error"),
+                  "seed": r.info.get("seed"), "overrides": r.overrides, "variant": r.info.get("variant"),
+                  "params": r.info.get("params"), "wall_seconds": (r.summary or {}).get("wall_seconds"),
+                  "metrics": (r.summary or {}).get("metrics", {})} for r in rep.records] + rep.missing,
+        "verdicts": rep.verdicts, "recommendations": rep.recommendations, "comparisons": rep.comparisons}))
+    groups.to_csv(out / "groups.csv", index=False)
+    if rep.comparisons:
+        pd.DataFrame(rep.comparisons).to_csv(out / "comparisons.csv", index=False)
+    rep.figures = plot_report(rep, out)
+    atomic_write_text(out / "report.md", render_markdown(rep, runs, groups))
+    atomic_write_text(out / "index.html", render_html(rep, runs, groups))
+    return out / "index.html"
+
+
+def export_runs(rep: Report, dest: Path) -> int:
+    """Copy each run's card.md and run.json, and its per-example scores as predictions.jsonl, into
+    dest/<run>/ for archiving. -> the number of runs exported."""
+    import shutil
+
+    n = 0
+    for r in rep.records:
+        target = Path(dest) / rep.display(r).replace(os.sep, "__")
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("card.md", "run.json", "cfg.yaml", "facts/summary.json"):
+            if (r.path / name).exists():
+                shutil.copyfile(r.path / name, target / Path(name).name)
+        scores = r.path / "facts" / "scores.parquet"
+        if scores.exists():
+            frame = pd.read_parquet(scores)
+            with open(target / "predictions.jsonl", "w", encoding="utf-8") as f:
+                for rec in frame.to_dict(orient="records"):
+                    f.write(json.dumps(_json_safe(rec), ensure_ascii=False) + "\n")
+        n += 1
+    return n

@@ -1,0 +1,189 @@
+"""index.html (one self-contained page: styles and images inline, no script, nothing fetched) and
+report.md (the same tables, for pasting into a paper or an issue)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from datetime import datetime, timezone
+
+import pandas as pd
+
+CAPTIONS = {"curves": "Training loss and validation metric per group: mean over seeds with a 95% bootstrap band.",
+            "by_group": "The optimized metric per group: mean, 95% bootstrap CI over seeds, each run a dot.",
+            "heatmap": "The optimized metric over the two-dimensional grid (mean over seeds).",
+            "pareto": "The optimized metric against cost; circled points are on the Pareto front."}
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def _ci(row, m: str) -> str:
+    mean, lo, hi, n = row[f"{m} mean"], row[f"{m} ci_low"], row[f"{m} ci_high"], row[f"{m} n"]
+    if not n:
+        return "—"
+    if isinstance(lo, float) and math.isnan(lo):
+        return f"{mean:.3f} (n=1)"
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}] (n={n})"
+
+
+def group_rows(rep, groups: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The group table as text cells: group, set (when several), each metric as mean [CI] (n), std,
+    IQM where n >= 4, not-completed runs."""
+    several = len({g.comparable_set for g in rep.groups}) > 1
+    head = ["group"] + (["set"] if several else []) + [f"{m} mean [95% CI] (n)" for m in rep.metrics] \
+        + [f"{rep.metric} std", f"{rep.metric} IQM", "trainable params", "not completed"]
+    rows = []
+    for _, r in groups.iterrows():
+        rows.append([r["group"]] + ([r["set"]] if several else []) + [_ci(r, m) for m in rep.metrics]
+                    + [_num(r[f"{rep.metric} std"]), _num(r[f"{rep.metric} iqm"]),
+                       _num(int(r["params_trainable"])) if pd.notna(r["params_trainable"]) else "—",
+                       r["not completed"] or ""])
+    return head, rows
+
+
+def run_rows(rep, runs: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    metric_cols = [f"{m} final" for m in rep.metrics if f"{m} final" in runs]
+    head = ["run", "group", "seed", "status"] + [c.removesuffix(" final") for c in metric_cols] + ["wall s", "error"]
+    rows = []
+    for _, r in runs.iterrows():
+        seed = r.get("seed")
+        rows.append([str(r["run"]), str(r.get("group") or ""), "" if pd.isna(seed) else str(int(seed)),
+                     str(r["status"])] + [_num(r[c]) for c in metric_cols]
+                    + [_num(r.get("wall_seconds"), 0), "" if pd.isna(r.get("error")) else str(r.get("error"))])
+    return head, rows
+
+
+def comparison_rows(rep) -> tuple[list[str], list[list[str]]]:
+    head = ["candidate", "baseline", "metric", "difference [95% CI]", "p", "p (Holm)", "effect d_z", "examples", "seeds"]
+    rows = [[c["candidate"], c["baseline"], c["metric"], f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]",
+             f"{c['p_value']:.4g}", f"{c['p_holm']:.4g}", f"{c['effect_size']:.2f}", str(c["n_examples"]),
+             ", ".join(map(str, c["seeds"])) if c["matched"] else "unmatched (all seeds averaged)"]
+            for c in rep.comparisons]
+    return head, rows
+
+
+def verdict_rows(rep) -> tuple[list[str], list[list[str]]]:
+    head = ["group", "metric", "mean [95% CI]", "verdict", "next step", "note"]
+    rows = []
+    for v in rep.verdicts:
+        ci = "—" if not v["n"] else (f"{v['estimate']:.3f}" + ("" if math.isnan(v["low"]) else
+                                                               f" [{v['low']:.3f}, {v['high']:.3f}]"))
+        rows.append([v["group"], v["metric"], ci, v["verdict"], v["next"], v["note"]])
+    return head, rows
+
+
+def diff_rows(rep) -> tuple[list[str], list[list[str]]]:
+    labels = [g.label for g in rep.groups]
+    return ["config key", *labels], [[k, *[_num(vals.get(label)) for label in labels]]
+                                     for k, vals in rep.config_diff.items()]
+
+
+# markdown --------------------------------------------------------------------------------------
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    def cell(s):
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    return (["| " + " | ".join(cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows] + [""])
+
+
+def render_markdown(rep, runs: pd.DataFrame, groups: pd.DataFrame) -> str:
+    lines = [f"# Report: {rep.title}", "",
+             f"Optimized metric `{rep.metric}` ({'higher' if rep.larger_is_better else 'lower'} is better); "
+             f"{len(rep.records)} runs from {', '.join(f'`{s}`' for s in rep.sources)}.", ""]
+    for w in rep.warnings:
+        lines += [f"> **Warning:** {w}", ""]
+    if rep.verdicts:
+        lines += ["## Verdicts", ""] + _md_table(*verdict_rows(rep))
+    lines += ["## Recommendations", ""] + [f"- {r}" for r in rep.recommendations] + [""]
+    lines += ["## Groups (mean over seeds, 95% bootstrap CI)", ""] + _md_table(*group_rows(rep, groups))
+    if rep.comparisons:
+        lines += ["## Paired comparisons", ""] + _md_table(*comparison_rows(rep))
+    if rep.config_diff:
+        lines += ["## What differs between the groups", ""] + _md_table(*diff_rows(rep))
+    lines += ["## Runs", ""] + _md_table(*run_rows(rep, runs))
+    lines += [f"![{name}]({p.name})" for name, p in rep.figures.items()] + [""]
+    return "\n".join(lines)
+
+
+# html -------------------------------------------------------------------------------------------
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1f2328;background:#fff}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+.meta{color:#57606a;margin:0 0 12px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px;width:auto}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.bad td{background:#fff1f0}.warn{background:#fff8c5;border:1px solid #d4a72c;padding:8px 12px;border-radius:6px}
+.verdict{font-weight:600;padding:1px 6px;border-radius:4px;background:#eef}
+ul.rec li{margin:4px 0}figure{margin:10px 0 18px}figure img{max-width:100%;border:1px solid #eaeef2}
+figcaption{color:#57606a;font-size:12.5px}details{margin:8px 0}.scroll{overflow-x:auto}
+"""
+
+
+def _h(s) -> str:
+    return html.escape(str(s))
+
+
+def _html_table(head: list[str], rows: list[list[str]], cls: str = "", bad_col: int | None = None) -> str:
+    out = [f'<div class="scroll"><table class="{cls}"><thead><tr>'
+           + "".join(f"<th>{_h(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        bad = bad_col is not None and r[bad_col] not in ("completed",)
+        cells = "".join(f'<td class="num">{_h(c)}</td>' if _numeric(c) else f"<td>{_h(c)}</td>" for c in r)
+        out.append(f'<tr class="bad">{cells}</tr>' if bad else f"<tr>{cells}</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _numeric(s: str) -> bool:
+    s = str(s).split(" ")[0].lstrip("+-")
+    return bool(s) and s.replace(".", "", 1).isdigit()
+
+
+def _image(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_html(rep, runs: pd.DataFrame, groups: pd.DataFrame) -> str:
+    status = runs["status"].value_counts().to_dict() if "status" in runs else {}
+    counts = ", ".join(f"{n} {s}" for s, n in status.items())
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_h(rep.title)} — modalign report</title>",
+             f"<style>{STYLE}</style></head><body><main>",
+             f"<h1>{_h(rep.title)}</h1>",
+             f'<p class="meta">{len(rep.records) + len(rep.missing)} runs ({_h(counts)}) from '
+             f"{_h(', '.join(str(s) for s in rep.sources))}; optimized metric <b>{_h(rep.metric)}</b> "
+             f"({'higher' if rep.larger_is_better else 'lower'} is better); made {made} by modalign report.</p>"]
+    for w in rep.warnings:
+        parts.append(f'<p class="warn">⚠ {_h(w)}</p>')
+    if rep.verdicts:
+        head, rows = verdict_rows(rep)
+        parts.append("<h2>Verdicts</h2>" + _html_table(head, rows, "verdicts"))
+    parts.append('<h2>Recommendations</h2><ul class="rec">' + "".join(f"<li>{_h(r)}</li>" for r in rep.recommendations)
+                 + "</ul>")
+    head, rows = group_rows(rep, groups)
+    parts.append("<h2>Groups: mean over seeds, 95% bootstrap CI</h2>" + _html_table(head, rows, "groups"))
+    for name in ("by_group", "curves", "heatmap", "pareto"):
+        if name in rep.figures:
+            parts.append(f'<figure><img alt="{name}" src="{_image(rep.figures[name])}">'
+                         f"<figcaption>{_h(CAPTIONS[name])}</figcaption></figure>")
+    if rep.comparisons:
+        head, rows = comparison_rows(rep)
+        parts.append("<h2>Paired comparisons on the same test examples</h2>" + _html_table(head, rows, "comparisons"))
+    if rep.config_diff:
+        head, rows = diff_rows(rep)
+        parts.append("<h2>What differs between the groups</h2>" + _html_table(head, rows, "config-diff"))
+    head, rows = run_rows(rep, runs)
+    parts.append("<h2>Runs</h2>" + _html_table(head, rows, "runs", bad_col=3))
+    parts.append("<p class=meta>Tables as CSV: summary.csv (every metric, best and final), groups.csv, "
+                 "comparisons.csv; the same page as markdown: report.md.</p></main></body></html>")
+    return "\n".join(parts)
