@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,20 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(PIP) install -e '.[test,sktime]'
 	touch $@
 
+# Headless Chromium renders the HTML report in a test; installed from the system's packages when
+# missing (checked every time: it costs nothing when chromium is there).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (headless browser for the HTML report test)"; \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
+	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+
 install: $(VENV)/.installed-demo
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/modalign demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed-test

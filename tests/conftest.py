@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.batch_size=64",
         "trainer.max_steps=12", "trainer.eval_every=6", "trainer.log_every=2"]
 
+# Smoke-sized sweeps: a few seconds per job.
+SMALL = ["trainer=smoke", "data.n_train=192", "data.n_val=48", "data.n_test=48", "trainer.batch_size=32"]
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
@@ -41,3 +44,13 @@ def tiny_run(tmp_path_factory, cache_dir) -> Path:
     runs = list((cwd / "outputs" / "runs").iterdir())
     assert len(runs) == 1
     return runs[0]
+
+
+@pytest.fixture(scope="session")
+def demo_sweep(tmp_path_factory, cache_dir) -> tuple[Path, str]:
+    """The demo experiment (2 heads x 2 seeds, with criteria) at smoke size, through the CLI:
+    (sweep dir, what the CLI printed). Shared by the report and browser tests, which only read it."""
+    cwd = tmp_path_factory.mktemp("demo-sweep")
+    p = run_cli(["sweep", "experiment=demo", *SMALL], cwd, cache_dir, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return next((cwd / "outputs" / "experiments").iterdir()), p.stdout

@@ -6,14 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import SMALL, run_cli
 from modalign.cli import main
 from modalign.runs.provenance import sha256_file
 
-SMALL = ["trainer=smoke", "data.n_train=192", "data.n_val=48", "data.n_test=48", "trainer.batch_size=32"]
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "src/modalign/conf/experiment").glob("*.yaml"))
 
 
@@ -39,6 +39,10 @@ def test_every_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatc
         n *= len(values)
     assert len(info["jobs"]) == n == info["n_jobs"]
     assert sweep.name.startswith("exp_") and sweep.name.endswith(f"_{name}")
+    groups = pd.read_csv(sweep / "report" / "groups.csv")  # the sweep's report, written at its end
+    assert groups["completed"].sum() == n and (sweep / "report" / "index.html").exists()
+    if len([k for k, v in info["grid"].items() if len(v) > 1 and k != "seed"]) == 2:
+        assert (sweep / "report" / "heatmap.png").exists()  # e.g. latent x globals_beta
     for job in info["jobs"]:
         run = sweep / job["dir"]
         assert json.loads((run / "run.json").read_text())["status"] == "completed"
@@ -77,6 +81,11 @@ def test_failed_job_does_not_stop_the_sweep_and_resume_finishes_it(tmp_path, cac
     status = {j["dir"]: j["status"] for j in info["jobs"]}
     assert status == {"0": "completed", "1": "failed"}
     assert "b.npz" in info["jobs"][1]["error"]
+    # the report lists the failed job as failed, with its error; it is never silently dropped
+    runs = pd.read_csv(sweep / "report" / "summary.csv")
+    failed = runs.loc[runs["run"].astype(str) == "1"].iloc[0]
+    assert failed["status"] == "failed" and "b.npz" in failed["error"]
+    assert "failed" in (sweep / "report" / "index.html").read_text()
     done = (sweep / "0" / "run.json").read_text()
 
     shutil.copy(tmp_path / "a.npz", tmp_path / "b.npz")  # the missing input appears
