@@ -21,6 +21,8 @@ def _num(v, digits: int = 3) -> str:
         return "—"
     if isinstance(v, float):
         return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     return str(v)
 
 
