@@ -23,7 +23,7 @@ def embed_split(model, data: PairedTensors, batch_size: int = 1024) -> tuple[np.
     model.eval()
     ms, ts = [], []
     for batch in data.eval_batches(batch_size):
-        m, _ = model.encode_modality(batch)
+        m = model.encode_modality(batch).embedding
         ms.append(m.float())
         ts.append(model.encode_text(batch["text"]).float())
     return torch.cat(ms).numpy(), torch.cat(ts).numpy()
@@ -56,3 +56,23 @@ def evaluate_embeddings(modality: np.ndarray, text: np.ndarray, groups: dict[str
         metrics["zeroshot_acc"] = float(acc)
         per_example["zeroshot_correct"] = correct
     return metrics, per_example
+
+
+@torch.no_grad()
+def prefix_retrieval(model, data: PairedTensors, groups: np.ndarray, batch_size: int = 1024) -> dict[str, float]:
+    """Retrieval with the first k registers of an ordered head kept, k = 1..model.head.n_overlap.
+    groups (N,): the headline relevance groups. -> {"registers_{k}/m2t_R@1": ..., ...}: R@1, R@5
+    and mAP in both directions for each k."""
+    head = model.head
+    out: dict[str, float] = {}
+    saved = head.keep
+    try:
+        for k in range(1, head.n_overlap + 1):
+            head.keep = k
+            m, t = embed_split(model, data, batch_size)
+            metrics, _ = bidirectional_retrieval(m, t, groups, ks=(1, 5))
+            for name in ("m2t_R@1", "m2t_R@5", "m2t_mAP", "t2m_R@1", "t2m_R@5", "t2m_mAP"):
+                out[f"registers_{k}/{name}"] = float(metrics[name])
+    finally:
+        head.keep = saved
+    return out

@@ -31,17 +31,17 @@ class AlignObjective(nn.Module):
         self.queue = TextQueue(cfg.queue_size, text_dim) if cfg.queue_size > 0 else None
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        m, _ = model.encode_modality(batch)  # (B, D)
+        m, _, aux = model.encode_modality(batch)  # (B, D), _, head's auxiliary terms
         t = model.encode_text(batch["text"])  # (B, D)
         mlm = None
         if self.cfg.mlm_weight > 0:
             hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio)  # (B, T)
-            _, tokens = model.encode_modality(batch, masked=hidden)
+            tokens = model.encode_modality(batch, masked=hidden).tokens
             mlm = (model.mlm_head(tokens), hidden)  # (B, T, V or C), (B, T)
         with torch.autocast("cpu", enabled=False):  # logits and softmax in fp32 even under bf16 autocast
-            return self._terms(model, batch, m.float(), t.float(), mlm)
+            return self._terms(model, batch, m.float(), t.float(), mlm, aux)
 
-    def _terms(self, model, batch: dict, m: torch.Tensor, t: torch.Tensor, mlm) -> dict[str, torch.Tensor]:
+    def _terms(self, model, batch: dict, m: torch.Tensor, t: torch.Tensor, mlm, aux: dict) -> dict[str, torch.Tensor]:
         scale, groups = model.scale(), batch["groups"]
         if self.cfg.kind == "clip":
             terms = clip_loss(m, t, scale, groups)
@@ -62,5 +62,8 @@ class AlignObjective(nn.Module):
             terms["mlm"] = masked_token_loss(pred, batch["tokens_id"] if has_ids else None,
                                              batch["tokens_cont"], hidden)
             loss = loss + self.cfg.mlm_weight * terms["mlm"]
+        for name, term in aux.items():  # e.g. the register head's complementary reconstruction
+            terms[name] = term.float()
+            loss = loss + model.head.aux_weight * terms[name]
         terms["loss"] = loss
         return terms

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,20 @@ from modalign.models.encoders import EncoderConfig, build_encoder
 
 @dataclass
 class HeadConfig:
-    kind: str = "mlp"  # linear | mlp
-    layers: int = 2  # mlp only: 2 or 3 linear layers
-    hidden: int = 512  # mlp hidden width
+    kind: str = "mlp"  # a registered head variant: linear | mlp | registers | your own
     embed_dim: int = 256  # shared embedding space; ignored when the text side is not projected
-    dropout: float = 0.0
+    options: dict = field(default_factory=dict)  # the variant's own keys (its Options dataclass)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        """Also reads the flat form of checkpoints written before variants ({kind, layers, hidden, ...})."""
+        d = dict(d)
+        options = dict(d.pop("options", {}) or {})
+        kind, embed_dim = d.pop("kind", "mlp"), d.pop("embed_dim", 256)
+        if kind == "linear":
+            d = {}
+        options.update(d)
+        return cls(kind=kind, embed_dim=embed_dim, options=options)
 
 
 @dataclass
@@ -42,7 +52,7 @@ class AlignModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlignModelConfig":
-        return cls(encoder=EncoderConfig(**d["encoder"]), head=HeadConfig(**d["head"]),
+        return cls(encoder=EncoderConfig(**d["encoder"]), head=HeadConfig.from_dict(d["head"]),
                    **{k: v for k, v in d.items() if k not in ("encoder", "head")})
 
     @property
@@ -50,18 +60,19 @@ class AlignModelConfig:
         return self.head.embed_dim if self.text_projection else self.text_dim
 
 
-def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> nn.Module:
-    if cfg.kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if cfg.kind == "mlp":
-        if cfg.layers not in (2, 3):
-            raise ValueError(f"head.layers={cfg.layers}: an mlp head has 2 or 3 layers")
-        dims = [in_dim] + [cfg.hidden] * (cfg.layers - 1)
-        mods: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            mods += [nn.Linear(a, b), nn.GELU(), nn.Dropout(cfg.dropout)]
-        return nn.Sequential(*mods, nn.Linear(dims[-1], out_dim))
-    raise ValueError(f"unknown head.kind '{cfg.kind}' (expected linear or mlp)")
+def build_head(cfg: HeadConfig, in_dim: int, out_dim: int, n_globals: int = 0) -> nn.Module:
+    """The registered head variant `cfg.kind` with its options (see `modalign.models.heads`)."""
+    from modalign.registry import get_variant
+
+    variant = get_variant("head", cfg.kind)
+    options = variant.obj.Options(**cfg.options)
+    return variant.obj(options, in_dim=in_dim, out_dim=out_dim, n_globals=n_globals)
+
+
+class ModalityOutput(NamedTuple):
+    embedding: torch.Tensor  # (B, D) L2-normalised
+    tokens: torch.Tensor  # (B, T, W) encoder token features
+    aux: dict  # {name: scalar} auxiliary terms of the head (weighted by head.aux_weight)
 
 
 class AlignModel(nn.Module):
@@ -69,7 +80,7 @@ class AlignModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = build_encoder(cfg.encoder)
-        self.head = build_head(cfg.head, cfg.encoder.width, cfg.embed_dim)
+        self.head = build_head(cfg.head, cfg.encoder.width, cfg.embed_dim, cfg.encoder.n_globals)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.embed_dim, bias=False) if cfg.text_projection else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(cfg.siglip_bias))
@@ -78,11 +89,12 @@ class AlignModel(nn.Module):
             out = cfg.encoder.vocab_size if cfg.encoder.vocab_size else cfg.encoder.n_cont
             self.mlm_head = nn.Linear(cfg.encoder.width, out)
 
-    def encode_modality(self, batch: dict, masked: torch.Tensor | None = None):
-        """-> normalised embedding (B, D), token features (B, T, W)."""
+    def encode_modality(self, batch: dict, masked: torch.Tensor | None = None) -> ModalityOutput:
+        """-> normalised embedding (B, D), token features (B, T, W), the head's auxiliary loss terms."""
         pooled, tokens = self.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"],
                                       batch["globals"], masked)
-        return F.normalize(self.head(pooled).float(), dim=-1), tokens
+        out = self.head(pooled, tokens, batch["mask"], batch["globals"])
+        return ModalityOutput(F.normalize(out["embedding"].float(), dim=-1), tokens, out.get("aux", {}))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """text (B, text_dim) frozen sentence embeddings -> normalised (B, D)."""

@@ -166,7 +166,10 @@ class AlignRecipe:
             self.prompt_class = torch.tensor([k for _, k in rows])
 
         self.model_cfg = st.model_config(self.data, text_dim=int(table.shape[1]))
-        self.model = AlignModel(self.model_cfg)
+        try:
+            self.model = AlignModel(self.model_cfg)
+        except ValueError as e:  # a component's check that needs the data (e.g. head.aux_target=globals)
+            raise UserError(f"config: {e}") from None
         self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim)
         self.parents = []
         if st.encoder_init_from is not None:
@@ -238,14 +241,14 @@ class AlignRecipe:
         import torch
 
         from modalign.eval.align_eval import PROTOCOL_VERSION
+        from modalign.registry import get_variant
         from modalign.runs.provenance import code_info, env_info
 
         params = {k: sum(p.numel() for p in ps) for k, ps in self.model.components().items()}
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.run.update(
             seed=self.cfg.seed,
-            variant={"name": f"head={self.model_cfg.head.kind}", "created_by": "modalign", "model": None,
-                     "date": None, "experiment_id": None, "version": code_info()["package_version"]},
+            variant=get_variant("head", self.model_cfg.head.kind).metadata(),
             code=code_info(),
             env=env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
             data={"name": self.cfg.data.name, "source": self.data.source,
@@ -286,7 +289,20 @@ class AlignRecipe:
         best = self.run.checkpoints / "best.pt"
         if best.exists():
             self.model.load_state_dict(load_checkpoint(best)["model"])
-        return self.evaluate(self.eval_cfg.split)
+        metrics, per_example, m, t = self.evaluate(self.eval_cfg.split)
+        metrics.update(self.evaluate_prefixes(self.eval_cfg.split))
+        return metrics, per_example, m, t
+
+    def evaluate_prefixes(self, split: str) -> dict[str, float]:
+        """For a head with ordered registers (`n_overlap`): retrieval under the headline protocol
+        with only the first k registers kept, k = 1..K_o, as `registers_{k}/m2t_R@1` etc."""
+        from modalign.eval.align_eval import prefix_retrieval
+
+        if not hasattr(self.model.head, "n_overlap"):
+            return {}
+        data = self.splits[split]
+        return prefix_retrieval(self.model, self.tensors[split], data.group_ids(self.protocol),
+                                self.eval_cfg.batch_size)
 
     def write_facts(self, fit: dict, test: tuple, wall: float) -> dict:
         from modalign.runs.facts import write_run_facts

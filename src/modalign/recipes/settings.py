@@ -119,9 +119,33 @@ def read_encoder(cfg) -> tuple["EncoderConfig", str | None, bool]:
     return enc, init_from, freeze
 
 
+def read_head(head: dict):
+    """conf/head/*.yaml (minus text_projection) -> HeadConfig: `kind` names a registered variant,
+    `embed_dim` the shared space, every other key is the variant's own option, typed and checked
+    by its Options dataclass."""
+    from dataclasses import asdict
+
+    from modalign.models.align import HeadConfig
+    from modalign.registry import get_variant
+
+    kind = head.pop("kind", None)
+    if not isinstance(kind, str):
+        raise UserError(f"config: 'head.kind' must be a head variant name, got {kind!r}")
+    embed_dim = head.pop("embed_dim", 256)
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int):
+        raise UserError(f"config: 'head.embed_dim' must be an integer, got {embed_dim!r}")
+    check_range("head.embed_dim", embed_dim, min_value=1)
+    variant = get_variant("head", kind)
+    options = typed(variant.obj.Options, head, "head")
+    problem = options.check()
+    if problem:
+        key, _, why = problem.partition(": ")
+        raise UserError(f"config: 'head.{key}' {why}")
+    return HeadConfig(kind=kind, embed_dim=embed_dim, options=asdict(options))
+
+
 def read_settings(cfg) -> AlignSettings:
     from modalign.losses.objective import LossConfig
-    from modalign.models.align import HeadConfig
 
     seed, t, o = read_training(cfg, ("encoder", "heads", "logit_scale"))
 
@@ -154,13 +178,10 @@ def read_settings(cfg) -> AlignSettings:
     text_projection = head.pop("text_projection", True)
     if not isinstance(text_projection, bool):
         raise UserError(f"config: 'head.text_projection' must be true or false, got {text_projection!r}")
-    hc = typed(HeadConfig, head, "head")
-    check_range("head.kind", hc.kind, choices=("linear", "mlp"))
-    if hc.kind == "mlp":
-        check_range("head.layers", hc.layers, choices=(2, 3))
-    check_range("head.hidden", hc.hidden, min_value=1)
-    check_range("head.embed_dim", hc.embed_dim, min_value=1)
-    check_range("head.dropout", hc.dropout, min_value=0.0, max_value=1.0)
+    hc = read_head(head)
+    heads = hc.options.get("heads")
+    if isinstance(heads, int) and heads > 0 and enc.width % heads:
+        raise UserError(f"config: 'head.heads'={heads} does not divide 'encoder.width'={enc.width}")
 
     return AlignSettings(seed=seed, trainer=t, optim=o, eval=ev, text=text, loss=lc, encoder=enc, head=hc,
                          text_projection=text_projection, init_temperature=float(init_t),

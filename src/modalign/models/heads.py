@@ -1,0 +1,224 @@
+"""Stage-2 heads: what turns the modality encoder's output into the shared embedding.
+
+Every head is a registered variant (`modalign.registry`) with an `Options` dataclass (its own config
+keys, from `conf/head/<name>.yaml`) and the interface
+
+    head = Head(options, in_dim=W, out_dim=D, n_globals=G)
+    out = head(pooled [B, W], tokens [B, T, W], mask [B, T] bool (True = valid), globals_ [B, G] or None)
+    out["embedding"]  (B, D), not yet normalised
+    out["aux"]        optional {name: scalar loss term}, weighted by head.aux_weight in the objective
+
+Options.check() returns None or "key: what is wrong" for the config edge to report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modalign.registry import register_variant
+
+TEAM = "modalign founding team"
+ASSISTANT = "AI coding assistant (modalign founding team session)"
+
+
+@dataclass
+class LinearOptions:
+    def check(self) -> str | None:
+        return None
+
+
+@register_variant("head", "linear", created_by=TEAM, model=ASSISTANT, date="2026-11-21", experiment_id="M1-align",
+                  version="1.0", status="validated", approach="one linear map of the pooled encoder features",
+                  key_features=["pooled features", "no hidden layer"])
+class LinearHead(nn.Module):
+    Options = LinearOptions
+    aux_weight = 0.0
+
+    def __init__(self, options: LinearOptions, in_dim: int, out_dim: int, n_globals: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, pooled, tokens, mask, globals_=None) -> dict:
+        return {"embedding": self.proj(pooled)}  # (B, D)
+
+
+@dataclass
+class MLPOptions:
+    layers: int = 2  # linear layers: 2 (CLIP-style projection MLP) or 3
+    hidden: int = 512  # hidden width
+    dropout: float = 0.0
+
+    def check(self) -> str | None:
+        if self.layers not in (2, 3):
+            return f"layers: an mlp head has 2 or 3 layers, got {self.layers}"
+        if self.hidden < 1:
+            return f"hidden: must be >= 1, got {self.hidden}"
+        if not 0.0 <= self.dropout < 1.0:
+            return f"dropout: must be in [0, 1), got {self.dropout}"
+        return None
+
+
+@register_variant("head", "mlp", created_by=TEAM, model=ASSISTANT, date="2026-11-21", experiment_id="M1-align",
+                  version="1.0", status="validated", approach="a 2- or 3-layer GELU MLP over the pooled encoder features",
+                  key_features=["pooled features", "GELU hidden layers", "dropout"])
+class MLPHead(nn.Module):
+    Options = MLPOptions
+    aux_weight = 0.0
+
+    def __init__(self, options: MLPOptions, in_dim: int, out_dim: int, n_globals: int = 0):
+        super().__init__()
+        dims = [in_dim] + [options.hidden] * (options.layers - 1)
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.GELU(), nn.Dropout(options.dropout)]
+        self.net = nn.Sequential(*mods, nn.Linear(dims[-1], out_dim))
+
+    def forward(self, pooled, tokens, mask, globals_=None) -> dict:
+        return {"embedding": self.net(pooled)}  # (B, D)
+
+
+# register tokens ---------------------------------------------------------------------------------
+@dataclass
+class RegisterOptions:
+    registers: int = 4  # K learnable register tokens
+    overlap: int = 3  # K_o: registers 0..K_o-1 are aligned with text; the rest are complementary
+    depth: int = 2  # cross-attention layers
+    heads: int = 4  # attention heads (must divide the encoder width)
+    mlp_ratio: int = 2  # feed-forward width = mlp_ratio * encoder width
+    dropout: float = 0.0
+    nested_dropout: str = "uniform"  # prefix length k during training: uniform | geometric | none
+    geometric_p: float = 0.5  # geometric schedule: P(k) proportional to (1 - p)^(k - 1)
+    aux_weight: float = 0.1  # weight of the complementary registers' reconstruction loss; 0 = off
+    aux_target: str = "auto"  # what the complementary registers reconstruct: globals | pooled | auto
+
+    def check(self) -> str | None:
+        if self.registers < 1:
+            return f"registers: must be >= 1, got {self.registers}"
+        if not 1 <= self.overlap <= self.registers:
+            return f"overlap: must be in [1, registers={self.registers}], got {self.overlap}"
+        if self.depth < 1:
+            return f"depth: must be >= 1, got {self.depth}"
+        if self.heads < 1 or self.mlp_ratio < 1:
+            return f"heads: and mlp_ratio must be >= 1, got {self.heads} and {self.mlp_ratio}"
+        if self.nested_dropout not in ("uniform", "geometric", "none"):
+            return f"nested_dropout: must be uniform, geometric or none, got {self.nested_dropout!r}"
+        if not 0.0 < self.geometric_p <= 1.0:
+            return f"geometric_p: must be in (0, 1], got {self.geometric_p}"
+        if self.aux_weight < 0:
+            return f"aux_weight: must be >= 0, got {self.aux_weight}"
+        if self.aux_target not in ("globals", "pooled", "auto"):
+            return f"aux_target: must be globals, pooled or auto, got {self.aux_target!r}"
+        if not 0.0 <= self.dropout < 1.0:
+            return f"dropout: must be in [0, 1), got {self.dropout}"
+        return None
+
+
+class RegisterBlock(nn.Module):
+    """Pre-norm block: causal self-attention among registers, cross-attention to the tokens, MLP.
+
+    Causal: register i attends to registers 0..i only. So the overlapping registers (0..K_o-1)
+    never see the complementary ones, and the contrastive loss, which reads only the overlapping
+    registers, sends them no gradient; and a prefix of registers does not depend on what follows
+    it, which is what nested dropout orders.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, r, tokens, pad, causal):
+        # r (B, K, W) registers; tokens (B, T, W); pad (B, T) True = padding; causal (K, K) True = blocked
+        h = self.norm_self(r)
+        r = r + self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0]
+        kv = self.norm_kv(tokens)
+        r = r + self.cross_attn(self.norm_q(r), kv, kv, key_padding_mask=pad, need_weights=False)[0]
+        return r + self.mlp(self.norm_mlp(r))  # (B, K, W)
+
+
+@register_variant("head", "registers", created_by=TEAM, model=ASSISTANT, date="2026-11-22",
+                  experiment_id="M1-registers", version="0.1.0",
+                  approach="K learnable register tokens cross-attend to the encoder's tokens; the first K_o "
+                           "align with text under nested dropout, the rest reconstruct the modality",
+                  key_features=["cross-attention over token features", "causal attention among registers",
+                                "nested dropout over the overlapping registers",
+                                "complementary registers reconstruct globals (or pooled features)",
+                                "retrieval reported per number of registers kept"])
+class RegisterHead(nn.Module):
+    """Register tokens in the style of FluxTalk: K registers read the modality's token features
+    through cross-attention; the overlapping ones (0..K_o-1) make the shared embedding, the
+    complementary ones (K_o..K-1) are kept modality-specific by reconstructing the sample's
+    globals (or, with no globals, its detached mean-pooled token features).
+
+    The embedding from the first k overlapping registers is W_e · [r_0, ..., r_{k-1}, 0, ..., 0]:
+    each register adds its own linear contribution, so any prefix is an embedding on its own.
+    Nested dropout (Rippel et al. 2014) draws k per sample during training (uniform or geometric),
+    so the first registers learn to carry the most. `keep` sets k at evaluation (None = all K_o).
+    """
+
+    Options = RegisterOptions
+
+    def __init__(self, options: RegisterOptions, in_dim: int, out_dim: int, n_globals: int = 0):
+        super().__init__()
+        if in_dim % options.heads:
+            raise ValueError(f"head.heads={options.heads} must divide the encoder width {in_dim}")
+        self.options = options
+        self.n_overlap = options.overlap
+        self.aux_weight = options.aux_weight if options.registers > options.overlap else 0.0
+        self.keep: int | None = None
+        self.registers = nn.Parameter(torch.randn(options.registers, in_dim) * 0.02)  # (K, W)
+        self.blocks = nn.ModuleList(RegisterBlock(in_dim, options.heads, options.mlp_ratio, options.dropout)
+                                    for _ in range(options.depth))
+        self.norm = nn.LayerNorm(in_dim)
+        self.embed = nn.Linear(options.overlap * in_dim, out_dim)  # W_e over the concatenated prefix
+        n_comp = options.registers - options.overlap
+        target = options.aux_target if options.aux_target != "auto" else ("globals" if n_globals else "pooled")
+        if target == "globals" and not n_globals:
+            raise ValueError("head.aux_target=globals but the data has no globals (use pooled or auto)")
+        self.aux_target = target
+        self.reconstruct = nn.Linear(n_comp * in_dim, n_globals if target == "globals" else in_dim) if n_comp else None
+        causal = torch.triu(torch.ones(options.registers, options.registers, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal", causal, persistent=False)  # (K, K) True = may not attend
+
+    def prefix_mask(self, batch: int, device) -> torch.Tensor:
+        """(B, K_o) float: 1 for the registers kept. Training: a prefix length k per sample from the
+        schedule; evaluation: the first `keep` (all when keep is None)."""
+        k_o = self.n_overlap
+        if self.training and self.options.nested_dropout != "none":
+            if self.options.nested_dropout == "uniform":
+                k = torch.randint(1, k_o + 1, (batch,), device=device)  # (B,)
+            else:
+                p = self.options.geometric_p
+                probs = torch.tensor([(1 - p) ** i for i in range(k_o)], device=device)
+                k = torch.multinomial(probs / probs.sum(), batch, replacement=True) + 1  # (B,)
+        else:
+            k = torch.full((batch,), self.keep or k_o, device=device)
+        return (torch.arange(k_o, device=device)[None, :] < k[:, None]).float()  # (B, K_o)
+
+    def forward(self, pooled, tokens, mask, globals_=None) -> dict:
+        b, _, w = tokens.shape
+        r = self.registers[None].expand(b, -1, -1)  # (B, K, W)
+        pad = ~mask  # (B, T) True = padding
+        for block in self.blocks:
+            r = block(r, tokens, pad, self.causal)
+        r = self.norm(r)  # (B, K, W)
+        overlap = r[:, :self.n_overlap] * self.prefix_mask(b, r.device)[:, :, None]  # (B, K_o, W)
+        out = {"embedding": self.embed(overlap.reshape(b, -1)), "registers": r}  # (B, D)
+        if self.reconstruct is not None and self.aux_weight > 0:
+            pred = self.reconstruct(r[:, self.n_overlap:].reshape(b, -1))  # (B, G) or (B, W)
+            if self.aux_target == "globals":
+                target = globals_.float()
+            else:
+                m = mask[:, :, None].float()
+                target = ((tokens * m).sum(1) / m.sum(1).clamp_min(1.0)).detach()  # (B, W)
+            out["aux"] = {f"reg_rec_{self.aux_target}": (pred.float() - target.float()).pow(2).mean()}
+        return out
