@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
+    v = sub.add_parser("variants", help="the registered variants (experiment log), or scaffold a new one",
+                       description="modalign variants [--outputs ROOT]: every registered variant with its "
+                                   "metadata, completed runs and best headline metric under ROOT. "
+                                   "modalign variants new NAME [--dir DIR]: scaffold a head variant package.")
+    v.add_argument("action", nargs="?", default="list", choices=["list", "new"])
+    v.add_argument("name", nargs="?", help="new: the variant's name (lower_snake_case)")
+    v.add_argument("--outputs", default="outputs", help="list: where to count runs (default: outputs)")
+    v.add_argument("--metric", default="m2t_R@1", help="list: the headline metric (default m2t_R@1)")
+    v.add_argument("--dir", default=".", help="new: the folder to create the package in (default: .)")
+    v.add_argument("--created-by", help="new: who made it (default: $USER)")
+    v.add_argument("--model", default="", help="new: the tool or person that wrote the code")
+    v.add_argument("--experiment-id", default="", help="new: the experiment it belongs to")
+
     r = sub.add_parser("runs", help="a table of the runs under a root")
     r.add_argument("root", nargs="?", default="outputs", help="directory to search (default: outputs)")
     r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
-                "report": cmd_report, "compare": cmd_compare, "runs": cmd_runs}[args.command](args)
+                "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs}[args.command](args)
     except UserError as e:
         print(f"modalign: error: {e}", file=sys.stderr)
         return 2
@@ -409,6 +422,46 @@ def cmd_eval(args) -> int:
     console.print(f"{path} [{args.split}] step {payload['step']} ({ckpt.name})")
     for k, v in metrics.items():
         console.print(f"  {k:<28} {v:.4f}")
+    return 0
+
+
+# variants ---------------------------------------------------------------------------------------
+def cmd_variants(args) -> int:
+    if args.action == "new":
+        from modalign.registry import scaffold
+
+        if not args.name:
+            raise UserError("variants new: give the variant's name, e.g. modalign variants new gated_mlp")
+        pkg = scaffold(args.name, Path(args.dir), created_by=args.created_by, model=args.model,
+                       experiment_id=args.experiment_id)
+        console = _console()
+        console.print(f"created {pkg}/ (__init__.py, conf/head/{args.name}.yaml, README.md)")
+        console.print(f"use it:  MODALIGN_PLUGINS={pkg.resolve()} modalign train head={args.name}")
+        return 0
+    if args.name:
+        raise UserError(f"variants: unexpected argument '{args.name}' (did you mean: modalign variants new {args.name}?)")
+    from rich.table import Table
+
+    from modalign.registry import all_variants
+    from modalign.report.build import full_metric
+    from modalign.runs.facts import smaller_is_better
+    from modalign.runs.index import find_runs
+
+    metric = full_metric(args.metric)
+    runs = find_runs(Path(args.outputs)) if Path(args.outputs).exists() else []
+    table = Table(title=f"variants (runs and best {metric} under {args.outputs})")
+    for col in ("kind", "name", "created by", "model", "date", "experiment", "version", "approach", "status",
+                "runs", f"best {args.metric}"):
+        table.add_column(col, justify="right" if col in ("runs", f"best {args.metric}") else "left",
+                         overflow="fold")
+    for var in all_variants():
+        mine = [r for r in runs if r.status == "completed" and (r.info.get("variant") or {}).get("name") == var.name
+                and (r.info.get("variant") or {}).get("kind") == var.kind]
+        values = [v for v in (r.metric(metric) for r in mine) if v is not None]
+        best = (min if smaller_is_better(metric) else max)(values) if values else None
+        table.add_row(var.kind, var.name, var.created_by, var.model, var.date, var.experiment_id, var.version,
+                      var.approach, var.status, str(len(mine)), "" if best is None else f"{best:.3f}")
+    _console().print(table)
     return 0
 
 

@@ -213,3 +213,109 @@ def all_variants() -> list[Variant]:
         _load_builtin(kind)
     load_plugins()
     return sorted(_REGISTRY.values(), key=lambda v: (v.kind, v.name))
+
+
+# scaffolding ------------------------------------------------------------------------------------
+_MODULE = '''"""{name}: a stage-2 head variant for modalign. See README.md; select it with head={name}."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from modalign.registry import register_variant
+
+
+@dataclass
+class Options:
+    hidden: int = 512  # hidden width
+    dropout: float = 0.1
+
+    def check(self) -> str | None:
+        """None, or "key: what is wrong" (reported as config: 'head.key' ...)."""
+        if self.hidden < 1:
+            return f"hidden: must be >= 1, got {{self.hidden}}"
+        if not 0.0 <= self.dropout < 1.0:
+            return f"dropout: must be in [0, 1), got {{self.dropout}}"
+        return None
+
+
+@register_variant("head", "{name}", created_by={created_by!r}, model={model!r}, date={date!r},
+                  experiment_id={experiment_id!r}, version="0.1.0",
+                  approach="a two-layer MLP over the pooled encoder features (the template: describe yours)",
+                  key_features=["pooled features", "GELU hidden layer", "dropout"])
+class Head(nn.Module):
+    Options = Options
+    aux_weight = 0.0  # weight of the terms returned under "aux" (none here)
+
+    def __init__(self, options: Options, in_dim: int, out_dim: int, n_globals: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, options.hidden), nn.GELU(), nn.Dropout(options.dropout),
+                                 nn.Linear(options.hidden, out_dim))
+
+    def forward(self, pooled, tokens, mask, globals_=None) -> dict:
+        # pooled (B, W), tokens (B, T, W), mask (B, T) True = valid, globals_ (B, G)
+        return {{"embedding": self.net(pooled)}}  # (B, D), normalised by the model
+'''
+
+_CONFIG = '''# modalign train head={name}      (with MODALIGN_PLUGINS={path})
+kind: {name}
+embed_dim: 256
+text_projection: true     # a trainable linear map of the frozen text embeddings
+hidden: 512
+dropout: 0.1
+'''
+
+_README = '''# {name}
+
+A stage-2 head variant for modalign.
+
+## Metadata
+
+| key | value |
+|---|---|
+| name | {name} |
+| kind | head |
+| created by | {created_by} |
+| model | {model} |
+| date | {date} |
+| experiment id | {experiment_id} |
+| version | 0.1.0 |
+| approach | a two-layer MLP over the pooled encoder features (the template: describe yours) |
+
+The metadata lives in the `@register_variant(...)` call in `__init__.py`; this table is for
+readers. Each run records it, with the sha256 of `__init__.py`, in its run.json.
+
+## Use
+
+```
+export MODALIGN_PLUGINS={path}
+modalign train head={name}
+modalign sweep head=mlp,{name} seed=0,1,2
+modalign variants
+```
+'''
+
+
+def scaffold(name: str, folder: Path, created_by: str | None = None, model: str = "", experiment_id: str = "") -> Path:
+    """Write a head variant package folder/name/ (module, conf/head/name.yaml, README.md) that
+    registers and trains as it is. -> the package directory. Refuses to overwrite."""
+    from datetime import date
+
+    if not _NAME.match(name):
+        raise VariantError(f"variants new: the name must be lower_snake_case (a-z, 0-9, _), got {name!r}")
+    pkg = Path(folder) / name
+    if pkg.exists():
+        raise VariantError(f"variants new: {pkg} already exists; choose another name or --dir")
+    values = {"name": name, "created_by": created_by or os.environ.get("USER") or "unknown",
+              "model": model or "unknown", "date": date.today().isoformat(),
+              "experiment_id": experiment_id or "unassigned", "path": str(pkg.resolve())}
+    try:
+        (pkg / "conf" / "head").mkdir(parents=True)
+        (pkg / "__init__.py").write_text(_MODULE.format(**values), encoding="utf-8")
+        (pkg / "conf" / "head" / f"{name}.yaml").write_text(_CONFIG.format(**values), encoding="utf-8")
+        (pkg / "README.md").write_text(_README.format(**values), encoding="utf-8")
+    except OSError as e:
+        raise VariantError(f"variants new: cannot write {pkg} ({e.strerror})") from None
+    return pkg

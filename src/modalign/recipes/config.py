@@ -25,10 +25,19 @@ def compose(overrides: list[str], config_name: str = "align", return_hydra_confi
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("modalign.conf", version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides),
+            return hydra_compose(config_name=config_name, overrides=list(overrides) + plugin_searchpath(),
                                  return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"config: {_explain(e, overrides)}") from None
+
+
+def plugin_searchpath() -> list[str]:
+    """The `hydra.searchpath` override that adds the conf/ folders of variant plugins (see
+    `modalign.registry`), so `head=<a plugin's head>` composes; [] when there are none."""
+    from modalign.registry import plugin_conf_dirs
+
+    dirs = plugin_conf_dirs()
+    return [f"hydra.searchpath=[{','.join('file://' + str(d) for d in dirs)}]"] if dirs else []
 
 
 def _explain(e: BaseException, overrides: list[str]) -> str:

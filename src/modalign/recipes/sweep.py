@@ -210,12 +210,13 @@ def _experiment_name(overrides: list[str]) -> str | None:
 def _multirun(recipe: str, sweep_dir: Path, overrides: list[str], quiet: bool) -> None:
     import hydra
 
+    from modalign.recipes.config import plugin_searchpath
     from modalign.recipes.launch import root_config
 
     argv = ["modalign-sweep", "--multirun", f"hydra.sweep.dir={sweep_dir.resolve()}",
             "hydra.sweep.subdir=${hydra.job.num}", "hydra.output_subdir=null",
             "hydra/job_logging=none", "hydra/hydra_logging=none", f"+modalign_quiet={str(quiet).lower()}",
-            *overrides]
+            *plugin_searchpath(), *overrides]
     app = hydra.main(config_path="pkg://modalign.conf", config_name=root_config(recipe), version_base="1.3")(sweep_job)
     saved = sys.argv
     sys.argv = argv
