@@ -57,6 +57,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     config_diff: dict = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
+    variants: list[dict] = field(default_factory=list)  # one row per group: its variant's metadata
+    registers: dict[str, list[dict]] = field(default_factory=dict)  # group -> stats per registers kept
 
     def display(self, record: RunRecord) -> str:
         return _relative(record.path, self.sources)
@@ -155,7 +157,41 @@ def collect(paths: list[Path], metric: str | None = None, baseline: str | None =
                                 f"compared with each other: {why}")
     _verdicts(rep, n_resamples, random_state)
     _recommend(rep, baseline, n_resamples, random_state)
+    _variants(rep)
+    _registers(rep, n_resamples, random_state)
     return rep
+
+
+def _variants(rep: Report) -> None:
+    """Each group's variant metadata (run.json `variant`), when runs record one with provenance."""
+    for g in rep.groups:
+        v = next((r.info.get("variant") for r in g.runs if (r.info.get("variant") or {}).get("source_sha256")), None)
+        if v:
+            rep.variants.append({"group": g.label, **{k: v.get(k) for k in (
+                "kind", "name", "version", "created_by", "model", "date", "experiment_id", "status", "approach")},
+                "key_features": "; ".join(v.get("key_features") or []), "source_sha256": (v.get("source_sha256") or "")[:12]})
+
+
+def register_counts(record: RunRecord) -> list[int]:
+    """The k of `registers_{k}/...` test metrics a run has (a head with ordered registers)."""
+    test = (record.summary or {}).get("test", {})
+    return sorted({int(k.split("/")[0].removeprefix("registers_")) for k in test if k.startswith("registers_")})
+
+
+def _registers(rep: Report, n_resamples: int, random_state: int) -> None:
+    """Retrieval as a function of the number of registers kept, per group (mean, CI over seeds)."""
+    leaf = rep.metric.split("/", 1)[1]
+    if "/" in leaf or not leaf.startswith(("m2t_", "t2m_")):
+        leaf = "m2t_R@1"
+    for g in rep.groups:
+        ks = sorted({k for r in g.completed for k in register_counts(r)})
+        rows = []
+        for k in ks:
+            st = g.stats(f"test/registers_{k}/{leaf}", n_resamples, random_state)
+            if st["n"]:
+                rows.append({"k": k, "metric": f"test/registers_{k}/{leaf}", **st})
+        if rows:
+            rep.registers[g.label] = rows
 
 
 def _verdicts(rep: Report, n_resamples: int, random_state: int) -> None:
@@ -307,7 +343,8 @@ def write_report(rep: Report, out: Path, quiet: bool = True) -> Path:
                   "seed": r.info.get("seed"), "overrides": r.overrides, "variant": r.info.get("variant"),
                   "params": r.info.get("params"), "wall_seconds": (r.summary or {}).get("wall_seconds"),
                   "metrics": (r.summary or {}).get("metrics", {})} for r in rep.records] + rep.missing,
-        "verdicts": rep.verdicts, "recommendations": rep.recommendations, "comparisons": rep.comparisons}))
+        "verdicts": rep.verdicts, "recommendations": rep.recommendations, "comparisons": rep.comparisons,
+        "variants": rep.variants, "registers": rep.registers}))
     groups.to_csv(out / "groups.csv", index=False)
     if rep.comparisons:
         pd.DataFrame(rep.comparisons).to_csv(out / "comparisons.csv", index=False)

@@ -13,7 +13,9 @@ import pandas as pd
 CAPTIONS = {"curves": "Training loss and validation metric per group: mean over seeds with a 95% bootstrap band.",
             "by_group": "The optimized metric per group: mean, 95% bootstrap CI over seeds, each run a dot.",
             "heatmap": "The optimized metric over the two-dimensional grid (mean over seeds).",
-            "pareto": "The optimized metric against cost; circled points are on the Pareto front."}
+            "pareto": "The optimized metric against cost; circled points are on the Pareto front.",
+            "registers": "Retrieval with only the first k registers kept (nested dropout orders them): "
+                         "mean and 95% CI over seeds."}
 
 
 def _num(v, digits: int = 3) -> str:
@@ -81,6 +83,27 @@ def verdict_rows(rep) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def variant_rows(rep) -> tuple[list[str], list[list[str]]]:
+    head = ["group", "variant", "version", "created by", "model", "date", "experiment", "status", "approach",
+            "source sha256"]
+    return head, [[v["group"], f"{v['kind']}={v['name']}", v["version"], v["created_by"], v["model"], v["date"],
+                   v["experiment_id"], v["status"], v["approach"], v["source_sha256"]] for v in rep.variants]
+
+
+def register_rows(rep) -> tuple[list[str], list[list[str]]]:
+    ks = sorted({r["k"] for rows in rep.registers.values() for r in rows})
+    leaf = next(iter(rep.registers.values()))[0]["metric"].split("/", 2)[-1]
+    head = ["group"] + [f"{leaf}, k={k} [95% CI]" for k in ks]
+    rows = []
+    for label, rs in rep.registers.items():
+        by_k = {r["k"]: r for r in rs}
+        rows.append([label] + [("—" if k not in by_k else
+                                f"{by_k[k]['mean']:.3f}" + ("" if math.isnan(by_k[k]["ci_low"]) else
+                                                            f" [{by_k[k]['ci_low']:.3f}, {by_k[k]['ci_high']:.3f}]"))
+                               for k in ks])
+    return head, rows
+
+
 def diff_rows(rep) -> tuple[list[str], list[list[str]]]:
     labels = [g.label for g in rep.groups]
     return ["config key", *labels], [[k, *[_num(vals.get(label)) for label in labels]]
@@ -108,6 +131,10 @@ def render_markdown(rep, runs: pd.DataFrame, groups: pd.DataFrame) -> str:
     lines += ["## Groups (mean over seeds, 95% bootstrap CI)", ""] + _md_table(*group_rows(rep, groups))
     if rep.comparisons:
         lines += ["## Paired comparisons", ""] + _md_table(*comparison_rows(rep))
+    if rep.registers:
+        lines += ["## Retrieval by registers kept", ""] + _md_table(*register_rows(rep))
+    if rep.variants:
+        lines += ["## Variants", ""] + _md_table(*variant_rows(rep))
     if rep.config_diff:
         lines += ["## What differs between the groups", ""] + _md_table(*diff_rows(rep))
     lines += ["## Runs", ""] + _md_table(*run_rows(rep, runs))
@@ -174,13 +201,19 @@ def render_html(rep, runs: pd.DataFrame, groups: pd.DataFrame) -> str:
                  + "</ul>")
     head, rows = group_rows(rep, groups)
     parts.append("<h2>Groups: mean over seeds, 95% bootstrap CI</h2>" + _html_table(head, rows, "groups"))
-    for name in ("by_group", "curves", "heatmap", "pareto"):
+    if rep.registers:
+        head, rows = register_rows(rep)
+        parts.append("<h2>Retrieval by registers kept</h2>" + _html_table(head, rows, "registers"))
+    for name in ("by_group", "registers", "curves", "heatmap", "pareto"):
         if name in rep.figures:
             parts.append(f'<figure><img alt="{name}" src="{_image(rep.figures[name])}">'
                          f"<figcaption>{_h(CAPTIONS[name])}</figcaption></figure>")
     if rep.comparisons:
         head, rows = comparison_rows(rep)
         parts.append("<h2>Paired comparisons on the same test examples</h2>" + _html_table(head, rows, "comparisons"))
+    if rep.variants:
+        head, rows = variant_rows(rep)
+        parts.append("<h2>Variants</h2>" + _html_table(head, rows, "variants"))
     if rep.config_diff:
         head, rows = diff_rows(rep)
         parts.append("<h2>What differs between the groups</h2>" + _html_table(head, rows, "config-diff"))

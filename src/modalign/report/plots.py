@@ -176,10 +176,34 @@ def plot_pareto(rep, path: Path) -> Path | None:
     return path
 
 
+def plot_registers(rep, path: Path) -> Path | None:
+    """Retrieval vs the number of registers kept (heads with ordered registers): mean and 95% CI."""
+    if not rep.registers:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    labels = [g.label for g in rep.groups]
+    for label, rows in rep.registers.items():
+        i = labels.index(label)
+        k = np.array([r["k"] for r in rows])
+        mean = np.array([r["mean"] for r in rows])
+        lo = np.array([r["mean"] - r["ci_low"] if not math.isnan(r["ci_low"]) else 0 for r in rows])
+        hi = np.array([r["ci_high"] - r["mean"] if not math.isnan(r["ci_high"]) else 0 for r in rows])
+        ax.errorbar(k, mean, yerr=[lo, hi], marker="o", capsize=4, color=f"C{i % 10}", label=label)
+    leaf = rows[0]["metric"].split("/", 2)[-1]
+    ax.set(xlabel="registers kept (k)", ylabel=f"test {leaf}", title=f"{leaf} vs registers kept (mean, 95% CI)")
+    ax.set_xticks(sorted({r["k"] for rows in rep.registers.values() for r in rows}))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_report(rep, out: Path) -> dict[str, Path]:
     figures = {}
     for name, fn in (("curves", plot_curves), ("by_group", plot_by_group), ("heatmap", plot_heatmap),
-                     ("pareto", plot_pareto)):
+                     ("pareto", plot_pareto), ("registers", plot_registers)):
         p = fn(rep, Path(out) / f"{name}.png")
         if p is not None:
             figures[name] = p
