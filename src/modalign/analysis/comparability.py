@@ -2,7 +2,7 @@
 
 Two runs are comparable when their fingerprints match: the same recipe, the same data in every
 split (each split's sample ids and content, as `PairedData.fingerprint` hashes them), the same
-evaluation protocol (relevance protocol, metric names, protocol version) and the same parent
+evaluation protocol (relevance protocol and protocol version) and the same parent
 checkpoints (e.g. the stage-1 encoder a stage-2 run started from, by sha256). Everything else
 - the head, the loss, the learning rate, the seed - is what an experiment varies, and shows in the
 config diff.
@@ -29,8 +29,10 @@ def fingerprint(info: dict) -> dict[str, str]:
     for split, d in sorted((info.get("data") or {}).get("splits", {}).items()):
         out[f"{split} split"] = str(d.get("fingerprint"))
     ev = info.get("eval") or {}
-    names = hashlib.sha256(json.dumps(sorted(ev.get("metrics") or [])).encode()).hexdigest()
-    out["eval protocol"] = f"{ev.get('protocol')} v{ev.get('version')} metrics {names[:12]}"
+    # The protocol and its version, not the list of metric names: a variant may add metrics of its
+    # own (VQ perplexity, retrieval per register kept), while every metric both runs have is
+    # defined by the same versioned protocol. A comparison on a metric one side lacks fails there.
+    out["eval protocol"] = f"{ev.get('protocol')} v{ev.get('version')}"
     for i, p in enumerate(info.get("parents") or []):
         out[f"parent {p.get('role') or i}"] = str(p.get("sha256"))
     return out
