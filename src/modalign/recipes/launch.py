@@ -102,7 +102,8 @@ def new_run(overrides: list[str], recipe: str):
 
 
 RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience",
-             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads"}
+             "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads", "trainer.on_nonfinite",
+             "trainer.max_nonfinite_skips"}
 
 
 def flat_items(d: dict, prefix: str = ""):
@@ -193,6 +194,7 @@ def execute(cfg, run, quiet: bool, keep_failed: bool = False):
     from modalign.runs.card import write_card
     from modalign.runs.rundir import read_json
 
+    from modalign.train.checkpoint import CheckpointWriteError
     from modalign.train.loop import STOP, Preempted
 
     handler = attach_log(run.path)
@@ -222,6 +224,11 @@ def execute(cfg, run, quiet: bool, keep_failed: bool = False):
         log.error("%s", e)
         print(f"modalign: {e}; continue with: modalign train resume={run.path}", file=sys.stderr)
         return 143, None  # 128 + SIGTERM, as a killed process would report
+    except CheckpointWriteError as e:  # e.g. no space left: resumable once there is room again
+        run.set_status("interrupted", str(e))
+        log.error("%s", e)
+        print(f"modalign: {e}; make room, then continue with: modalign train resume={run.path}", file=sys.stderr)
+        return 1, None
     except KeyboardInterrupt:
         run.set_status("interrupted", "interrupted by the user")
         log.error("interrupted")

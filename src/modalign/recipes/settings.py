@@ -78,10 +78,11 @@ def read_training(cfg, components: tuple[str, ...]) -> tuple[int, "TrainerConfig
     t = typed(TrainerConfig, tcfg, "trainer")
     for key, low in (("max_steps", 1), ("batch_size", 2), ("accumulate", 1), ("eval_every", 1), ("log_every", 1),
                      ("checkpoint_every", 0), ("keep_checkpoints", 0), ("grad_clip", 0), ("threads", 0),
-                     ("early_stop_patience", 0)):
+                     ("early_stop_patience", 0), ("max_nonfinite_skips", 0)):
         check_range(f"trainer.{key}", getattr(t, key), min_value=low)
     check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16"))
     check_range("trainer.monitor_mode", t.monitor_mode, choices=("max", "min"))
+    check_range("trainer.on_nonfinite", t.on_nonfinite, choices=("stop", "skip"))
     groups = {}
     for k in components:
         if k not in optim:

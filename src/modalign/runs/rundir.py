@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from modalign import faults
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 
@@ -150,7 +153,12 @@ class MetricsSink:
         t = time.time()
         lines = [json.dumps({"step": step, "epoch": epoch, "split": split, "name": k, "value": float(v),
                              "time": round(t, 3)}) for k, v in values.items()]
-        self._f.write("\n".join(lines) + "\n")
+        text = "\n".join(lines) + "\n"
+        if faults.hit("kill:metrics_line"):  # a kill half-way through a line (see modalign.train.faults)
+            self._f.write(text[: len(text) // 2])
+            self._f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._f.write(text)
         self._f.flush()
 
     def close(self) -> None:

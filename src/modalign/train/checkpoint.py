@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from modalign.errors import UserError
+from modalign import faults
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -78,14 +79,36 @@ def save_checkpoint(
     if not _NAME.match(name):
         raise ValueError(f"checkpoint name {name!r} must be a plain file name ending in .pt")
     payload = _stamp(payload, step)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp, entry = _write_temp(ckpt_dir, name, payload, step=step, metric=metric)
-    _mark_pending(ckpt_dir, name, entry)
     final = ckpt_dir / name
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tmp, entry = _write_temp(ckpt_dir, name, payload, step=step, metric=metric)
+        faults.kill_if("kill:checkpoint_tmp")
+        _mark_pending(ckpt_dir, name, entry)
+    except OSError as e:  # a full disk, a quota, a vanished mount: the previous file stays as it was
+        for stale in ckpt_dir.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)  # give the space back
+        raise CheckpointWriteError(f"{final}: cannot write the checkpoint of step {step} ({e.strerror or e}); "
+                                   f"{_previous(ckpt_dir, name)}") from None
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
+    faults.kill_if("kill:checkpoint_rename")
     _commit(ckpt_dir, name, entry)
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. no space left); the previous one is intact."""
+
+
+def _previous(ckpt_dir: Path, name: str) -> str:
+    try:
+        entry = _read_manifest(ckpt_dir)["checkpoints"].get(name)
+    except (UserError, OSError):
+        entry = None
+    if entry and (ckpt_dir / name).exists():
+        return f"the previous {name} (step {entry.get('step')}) is intact"
+    return f"there was no previous {name}"
 
 
 def _stamp(payload: dict, step: int) -> dict:

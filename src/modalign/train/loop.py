@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from modalign.train import checkpoint as ckpt
+from modalign import faults
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainerConfig:
     monitor_mode: str = "max"  # max | min
     early_stop_patience: int = 0  # validation passes without improvement before stopping; 0 = off
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip the step
+    max_nonfinite_skips: int = 10  # skip: stop anyway after this many skipped steps (a run that diverged)
 
 
 class Sink(Protocol):
@@ -70,7 +73,7 @@ def grad_norms(components: dict[str, list[nn.Parameter]]) -> dict[str, float]:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A loss term or gradient went NaN/inf: the message names the term and the components."""
 
 
 class Preempted(Exception):
@@ -94,6 +97,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision)
         self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
         self.stopped_early = False
+        self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (on_nonfinite=skip)
         self.seconds_before = 0.0  # training time of earlier sessions of a resumed run
         self._t_start = time.perf_counter()
 
@@ -109,7 +113,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.sampler.epoch_of(self.step),
             "trainer": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                        "stopped_early": self.stopped_early,
+                        "stopped_early": self.stopped_early, "nonfinite_skips": self.nonfinite_skips,
                         "train_seconds": self.seconds_before + time.perf_counter() - self._t_start},
         }
 
@@ -124,6 +128,7 @@ class Trainer:
         self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], int(t["bad_evals"])
         self.seconds_before = float(t.get("train_seconds", 0.0))
         self.stopped_early = bool(t.get("stopped_early", False))
+        self.nonfinite_skips = int(t.get("nonfinite_skips", 0))
 
     def _save(self, name: str, metric: float | None = None) -> None:
         if self.ckpt_dir is not None:
@@ -144,17 +149,17 @@ class Trainer:
             batch = self.sampler.batch(self.step * acc + micro)
             with self._autocast():
                 terms = self.objective(self.model, batch)
+            if faults.hit("nan:loss", at=self.step + 1):
+                terms["loss"] = terms["loss"] * float("nan")
             (terms["loss"] / acc).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / acc
-        bad = [k for k, v in totals.items() if not torch.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(f"loss term '{bad[0]}' is not finite at step {self.step + 1}")
         components = self.model.components()
         norms = grad_norms(components)
-        if not all(math.isfinite(v) for v in norms.values()):
-            which = next(k for k, v in norms.items() if not math.isfinite(v))
-            raise NonFiniteLoss(f"gradient of component '{which}' is not finite at step {self.step + 1}")
+        bad = [k for k, v in totals.items() if not torch.isfinite(v)]
+        bad_grads = [k for k, v in norms.items() if not math.isfinite(v)]
+        if bad or bad_grads:
+            return self._nonfinite(bad, bad_grads)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
@@ -167,6 +172,28 @@ class Trainer:
         if hasattr(self.model, "scale"):  # contrastive models: the learned temperature
             out["temperature"] = float(1.0 / self.model.scale().detach())
         return out
+
+    def _nonfinite(self, bad_terms: list[str], bad_grads: list[str]) -> dict[str, float]:
+        """Stop with a line naming what went non-finite, or (on_nonfinite=skip) skip the update:
+        the step is consumed (its batch, the schedule) but no parameter changes."""
+        step = self.step + 1
+        what = (f"loss term '{bad_terms[0]}'" if bad_terms else f"the gradient of '{bad_grads[0]}'")
+        where = f"non-finite gradients in: {', '.join(bad_grads)}" if bad_grads else "gradients finite"
+        if self.cfg.on_nonfinite != "skip" or self.nonfinite_skips >= self.cfg.max_nonfinite_skips:
+            limit = (f"; {self.nonfinite_skips} steps already skipped (trainer.max_nonfinite_skips="
+                     f"{self.cfg.max_nonfinite_skips})" if self.cfg.on_nonfinite == "skip" else "")
+            last = ckpt.list_checkpoints(self.ckpt_dir) if self.ckpt_dir is not None and \
+                (self.ckpt_dir / ckpt.MANIFEST).exists() else []
+            kept = next((f"checkpoints/last.pt (step {c['step']})" for c in last if c["name"] == "last.pt"),
+                        "none yet")
+            hint = "" if self.cfg.on_nonfinite == "skip" else "; trainer.on_nonfinite=skip skips such steps"
+            raise NonFiniteLoss(f"{what} is not finite at step {step} ({where}){limit}; the last good "
+                                f"checkpoint is {kept}{hint}")
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()  # the schedule follows the step count, skipped or not
+        self.step += 1
+        self.nonfinite_skips += 1
+        return {"nonfinite_skips": float(self.nonfinite_skips)}
 
     def _log(self, split: str, values: dict[str, float]) -> None:
         epoch = self.sampler.epoch_of(max(self.step - 1, 0))
@@ -205,7 +232,8 @@ class Trainer:
         last_val: dict[str, float] = {}
         while self.step < cfg.max_steps and not self.stopped_early:
             values = self._train_step()
-            if self.step % cfg.log_every == 0 or self.step == 1:
+            faults.kill_if("kill:step", at=self.step)
+            if self.step % cfg.log_every == 0 or self.step == 1 or "nonfinite_skips" in values:
                 self._log("train", values)
             evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             if evaluate:
@@ -219,7 +247,7 @@ class Trainer:
                 if self.stopped_early:
                     break
             if self.progress:
-                self.progress.update(self.step, values["loss"], last_val.get(cfg.monitor.removeprefix("val/")))
+                self.progress.update(self.step, values.get("loss", float("nan")), last_val.get(cfg.monitor.removeprefix("val/")))
             if STOP.is_set() and self.step < cfg.max_steps:
                 if not evaluate:
                     self._save("last.pt")
