@@ -47,6 +47,22 @@ def group_scores(group: Group, column: str, seeds: list) -> tuple[np.ndarray, np
     return ids, values
 
 
+def has_scores(group: Group, metric: str) -> bool:
+    """Whether the group's completed runs all store per-example scores for `metric`."""
+    import pyarrow.parquet as pq
+
+    column = per_example_column(metric)
+    if column is None or not group.completed:
+        return False
+    for r in group.completed:
+        try:
+            if column not in pq.read_schema(r.path / "facts" / "scores.parquet").names:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def mismatches(a: Group, b: Group) -> list[str]:
     return differences(a.fingerprint, b.fingerprint, (a.label, b.label))
 

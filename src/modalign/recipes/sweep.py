@@ -193,9 +193,8 @@ def write_sweep_report(sweep_dir: Path, quiet: bool) -> Path | None:
 
     try:
         rep = collect([sweep_dir])
-    except UserError as e:
-        if not quiet:
-            print(f"sweep {sweep_dir}: no report ({e})", file=sys.stderr)
+    except UserError as e:  # said even with --quiet: a sweep without its report is worth a line
+        print(f"sweep {sweep_dir}: no report ({e})", file=sys.stderr)
         return None
     return write_report(rep, sweep_dir / "report")
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from modalign.analysis.compare import describe, mismatches, paired_comparison
+from modalign.analysis.compare import describe, has_scores, mismatches, paired_comparison
 from modalign.analysis.criteria import Criteria, judge, parse_criteria
 from modalign.analysis.groups import Group, find_group, group_runs
 from modalign.errors import UserError
-from modalign.runs.facts import per_example_column, smaller_is_better
+from modalign.runs.facts import smaller_is_better
 from modalign.runs.index import RunRecord, find_runs
 
 HEADLINE = {"align": ("test/m2t_R@1", "test/t2m_R@1", "test/zeroshot_acc"),
@@ -225,7 +225,8 @@ def _fmt_ci(st: dict) -> str:
 
 def _recommend(rep: Report, baseline: str | None, n_resamples: int, random_state: int) -> None:
     direction = "higher" if rep.larger_is_better else "lower"
-    paired = per_example_column(rep.metric) is not None and rep.metric.startswith("test/")
+    paired = rep.metric.startswith("test/") and bool(rep.groups) and \
+        all(has_scores(g, rep.metric) for g in rep.groups if g.completed)
     if baseline is not None:
         base = find_group(rep.groups, baseline)
         if base is None:
@@ -260,9 +261,13 @@ def _recommend(rep: Report, baseline: str | None, n_resamples: int, random_state
                        "seeds or a larger test set separate them")
             line += f" {verdict}: {describe(row)}."
         elif not paired:
-            overlap = not (st["ci_low"] > st2["ci_high"] or st2["ci_low"] > st["ci_high"])
-            line += (" No per-example scores for this metric, so no paired test; the CIs over runs "
-                     + ("overlap: not separated." if overlap else "do not overlap."))
+            line += " No per-example scores for this metric, so no paired test; "
+            if math.isnan(st["ci_low"]) or math.isnan(st2["ci_low"]):
+                line += "with a single run per group there is no CI either: add seeds to separate them."
+            elif st["ci_low"] > st2["ci_high"] or st2["ci_low"] > st["ci_high"]:
+                line += "the CIs over runs do not overlap."
+            else:
+                line += "the CIs over runs overlap: not separated."
         rep.recommendations.append(line)
 
 
