@@ -38,7 +38,8 @@ from modalign.data.npz import ARRAYS, hash_split, read_npz
 from modalign.data.paired import SPLITS, PairedData
 from modalign.errors import UserError
 
-DATA_EXAMPLES = 300
+VALID_EXAMPLES = 40  # read_npz cases of valid data (every harmless variation)
+PER_FOCUS = 12  # read_npz cases per mutation (27 of them)
 CONFIG_EXAMPLES = 220
 COUNTS: dict[str, int] = {}
 
@@ -140,12 +141,13 @@ def row_captions(row: dict) -> list[str]:
     return row["captions"] if "captions" in row else [row["caption"]]
 
 
-def base_case(p: Pick) -> Case:
+def base_case(p: Pick, focus: str | None = None) -> Case:
     """A valid small dataset, with the harmless variations a user may have (dtypes, id kinds, unicode
-    and very long captions, JSON or JSONL captions, facts, labels, prompts, hash split)."""
+    and very long captions, JSON or JSONL captions, facts, labels, prompts, hash split). It has what
+    the `focus` mutation needs (e.g. labels and prompts for "prompts")."""
     rng = np.random.default_rng(p.int(0, 2**32 - 1))
     n, T = p.int(12, 30), p.int(2, 8)
-    kinds = p.choice(["id", "cont", "both"])
+    kinds = {"t_mismatch": "both", "token_ids": p.choice(["id", "both"])}.get(focus) or p.choice(["id", "cont", "both"])
 
     id_style = p.choice(["plain", "int", "text", "bytes"])
     if id_style == "plain":
@@ -161,7 +163,7 @@ def base_case(p: Pick) -> Case:
     arrays: dict = {"ids": ids}
 
     hs = hash_split(np.array(sids, dtype=str))
-    if p.bool() and all((hs == s).any() for s in SPLITS):
+    if focus != "hash_split" and p.bool() and all((hs == s).any() for s in SPLITS):
         pass  # no split array: the sha256 split, which covers all three splits here
     else:
         n_val, n_test = p.int(1, 3), p.int(1, 3)
@@ -169,7 +171,7 @@ def base_case(p: Pick) -> Case:
         arrays["split"] = split[rng.permutation(n)]
 
     lengths = rng.integers(1, T + 1, n) if p.bool() else np.full(n, T)
-    if lengths.min() < T or p.bool():
+    if lengths.min() < T or focus == "drop_lengths" or p.bool():
         arrays["lengths"] = lengths.astype(p.choice([np.int64, np.int32, np.uint8]))
     pad = np.arange(T)[None, :] >= lengths[:, None]
     if kinds in ("id", "both"):
@@ -191,13 +193,13 @@ def base_case(p: Pick) -> Case:
         arrays["globals"] = rng.standard_normal((n, p.int(1, 3))).astype(p.choice([np.float32, np.float64]))
 
     prompts = None
-    if p.bool():
+    if focus in ("bad_labels", "prompts") or p.bool():
         K = p.int(1, 4)
         arrays["labels"] = rng.integers(-1, K, n).astype(p.choice([np.int64, np.int8]))
-        if p.bool():
+        if focus == "prompts" or p.bool():
             names = p.unique_texts(K, max_size=8)
             arrays["label_names"] = np.array(names, dtype=str)
-            if p.bool():
+            if focus == "prompts" or p.bool():
                 prompts = {name: ([f"a sample of {name}", f"{name}!"] if p.bool() else f"this is {name}")
                            for name in names}
 
@@ -230,7 +232,8 @@ def base_case(p: Pick) -> Case:
         order = rng.permutation(len(rows))
         rows = [rows[k] for k in order]
 
-    return Case(n=n, T=T, arrays=arrays, rows=rows, fmt=p.choice(["jsonl", "jsonl", "json"]),
+    fmt = "jsonl" if focus == "dup_caption_row" else p.choice(["jsonl", "jsonl", "json"])
+    return Case(n=n, T=T, arrays=arrays, rows=rows, fmt=fmt,
                 ensure_ascii=p.bool(), prompts=prompts, compressed=p.bool(),
                 stem=p.choice(["data", "my data", "dätä-🙂", "x.y"]), subdir=p.choice(["", "sub dir", "ünï"]),
                 captions_elsewhere=p.int(0, 4) == 0)
@@ -644,18 +647,15 @@ MUTATIONS = {
 }
 
 
-def mutate(case: Case, p: Pick, names: list[str] | None = None) -> Case:
-    """Apply the named mutations, or 0-3 random applicable ones."""
-    if names is None:  # which ones: uniform from a drawn seed (hypothesis' own choices favour the first)
-        rnd = random.Random(p.int(0, 2**32 - 1))
-        for _ in range(rnd.choice([0, 1, 1, 1, 1, 2, 2, 3])):
-            if "ids" not in case.arrays:
-                break  # rejected whatever else changes; most mutations need the ids
-            name = rnd.choice([m for m, (applies, _) in MUTATIONS.items() if applies(case)])
-            case.applied.append((name, MUTATIONS[name][1](case, p)))
-        return case
+def mutate(case: Case, p: Pick, names: list[str], extra: int = 0) -> Case:
+    """Apply the named mutations, then up to `extra` random applicable ones."""
     for name in names:
-        assert MUTATIONS[name][0](case), name
+        assert MUTATIONS[name][0](case), (name, describe(case))
+        case.applied.append((name, MUTATIONS[name][1](case, p)))
+    for _ in range(p.int(0, extra)):
+        if "ids" not in case.arrays:
+            break  # rejected whatever else changes; most mutations need the ids
+        name = p.choice([m for m, (applies, _) in MUTATIONS.items() if applies(case)])
         case.applied.append((name, MUTATIONS[name][1](case, p)))
     return case
 
@@ -792,11 +792,18 @@ def run_case(case: Case, root: Path) -> str:
     return "ok"
 
 
-@settings(max_examples=DATA_EXAMPLES, **FUZZ)
+@settings(max_examples=VALID_EXAMPLES, **FUZZ)
 @given(st.data())
-def _fuzz_read_npz(root: Path, data) -> None:
+def _fuzz_valid_npz(root: Path, data) -> None:
+    _fuzz_read_npz.hypothesis.inner_test(root, None, data)
+
+
+@settings(max_examples=PER_FOCUS, **FUZZ)
+@given(st.data())
+def _fuzz_read_npz(root: Path, focus: str | None, data) -> None:
     p = Pick(data)
-    case = mutate(base_case(p), p)
+    case = base_case(p, focus)
+    case = mutate(case, p, [focus], extra=2) if focus else case
     note(describe(case))
     d = Path(tempfile.mkdtemp(dir=root))  # a fresh directory per example
     try:
@@ -810,15 +817,18 @@ def _fuzz_read_npz(root: Path, data) -> None:
 
 
 def test_read_npz_fuzz(tmp_path, record_property):
+    """VALID_EXAMPLES valid datasets, and PER_FOCUS cases for each mutation (first, plus 0-2 random others)."""
     for k in [k for k in COUNTS if k.startswith("data")]:
         del COUNTS[k]
-    _fuzz_read_npz(tmp_path)
+    _fuzz_valid_npz(tmp_path)
+    for focus in MUTATIONS:
+        _fuzz_read_npz(tmp_path, focus)
     n = COUNTS.get("data", 0)
     print(f"\nread_npz fuzz: {n} generated cases, {COUNTS.get('data_ok', 0)} loaded, "
           f"{COUNTS.get('data_error', 0)} one-line errors")
     record_property("generated_cases", n)
-    assert n >= DATA_EXAMPLES
-    assert COUNTS.get("data_ok", 0) >= 30 and COUNTS.get("data_error", 0) >= 100
+    assert n >= VALID_EXAMPLES + PER_FOCUS * len(MUTATIONS)
+    assert COUNTS.get("data_ok", 0) >= VALID_EXAMPLES and COUNTS.get("data_error", 0) >= 200
     unused = [m for m in MUTATIONS if not COUNTS.get(f"data_mut_{m}")]
     assert not unused, f"mutations never generated: {unused}"
 
@@ -1102,7 +1112,7 @@ def test_config_edge_fuzz(record_property):
 # --- a few generated bad cases through the real CLI -------------------------------------------------
 def _cli_data_case(seed: int, mutations: list[str]) -> Case:
     p = Pick(seed=seed)
-    case = base_case(p)
+    case = base_case(p, mutations[0])
     case.subdir, case.stem, case.captions_elsewhere, case.file_op = "", "bad", False, None
     return mutate(case, p, mutations)
 

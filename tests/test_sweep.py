@@ -27,8 +27,22 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "facts" / "summary.json").read_text())
 
 
+# Run end to end: the experiments whose recipe and grid no other test covers (demo runs in the
+# report tests' shared sweep; compare_projections is demo's grid with a third seed;
+# compare_latent_spaces is a slice of compare_globals_heads). Every experiment is planned below.
+RUN_END_TO_END = ["compare_globals_heads", "compare_heads"]
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatch, cache_dir):
+def test_every_experiment_plans(name):
+    from modalign.recipes.sweep import plan
+
+    p = plan([f"experiment={name}", *SMALL])
+    assert p["n_jobs"] >= 2 and p["grid"] and p["metric"].startswith("test/")
+
+
+@pytest.mark.parametrize("name", RUN_END_TO_END)
+def test_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatch, cache_dir):
     monkeypatch.chdir(tmp_path)
     code = main(["sweep", "--quiet", f"experiment={name}", *SMALL])
     sweep = _sweep_dir(tmp_path)
@@ -66,6 +80,14 @@ def test_every_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatc
         vq = next(j for j in info["jobs"] if "bottleneck=vq" in j["overrides"])
         assert _summary(sweep / vq["dir"])["test"]["vq_perplexity"] > 1.0
         assert (sweep / vq["dir"] / "figures" / "codebook_usage.png").exists()
+    if name == "compare_heads":  # the report: R@1 by registers kept, and each head's variant metadata
+        report = json.loads((sweep / "report" / "summary.json").read_text())
+        assert [r["k"] for r in report["registers"]["head=registers"]] == [1, 2, 3]
+        assert {v["name"] for v in report["variants"]} == {"linear", "mlp", "registers"}
+        assert all(v["created_by"] and v["version"] and v["source_sha256"] for v in report["variants"])
+        assert (sweep / "report" / "registers.png").exists()
+        html = (sweep / "report" / "index.html").read_text()
+        assert "Retrieval by registers kept" in html and "M1-registers" in html
 
 
 def test_failed_job_does_not_stop_the_sweep_and_resume_finishes_it(tmp_path, cache_dir):
