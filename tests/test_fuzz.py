@@ -792,18 +792,10 @@ def run_case(case: Case, root: Path) -> str:
     return "ok"
 
 
-@settings(max_examples=VALID_EXAMPLES, **FUZZ)
-@given(st.data())
-def _fuzz_valid_npz(root: Path, data) -> None:
-    _fuzz_read_npz.hypothesis.inner_test(root, None, data)
-
-
-@settings(max_examples=PER_FOCUS, **FUZZ)
-@given(st.data())
-def _fuzz_read_npz(root: Path, focus: str | None, data) -> None:
-    p = Pick(data)
+def one_data_case(root: Path, focus: str | None, p: Pick) -> None:
     case = base_case(p, focus)
-    case = mutate(case, p, [focus], extra=2) if focus else case
+    if focus:
+        mutate(case, p, [focus], extra=2)
     note(describe(case))
     d = Path(tempfile.mkdtemp(dir=root))  # a fresh directory per example
     try:
@@ -816,13 +808,25 @@ def _fuzz_read_npz(root: Path, focus: str | None, data) -> None:
         COUNTS[f"data_mut_{name}"] = COUNTS.get(f"data_mut_{name}", 0) + 1
 
 
+@settings(max_examples=VALID_EXAMPLES, **FUZZ)
+@given(st.data())
+def _fuzz_valid_npz(root: Path, data) -> None:
+    one_data_case(root, None, Pick(data))
+
+
+@settings(max_examples=PER_FOCUS, **FUZZ)
+@given(st.data())
+def _fuzz_bad_npz(root: Path, focus: str, data) -> None:
+    one_data_case(root, focus, Pick(data))
+
+
 def test_read_npz_fuzz(tmp_path, record_property):
     """VALID_EXAMPLES valid datasets, and PER_FOCUS cases for each mutation (first, plus 0-2 random others)."""
     for k in [k for k in COUNTS if k.startswith("data")]:
         del COUNTS[k]
     _fuzz_valid_npz(tmp_path)
     for focus in MUTATIONS:
-        _fuzz_read_npz(tmp_path, focus)
+        _fuzz_bad_npz(tmp_path, focus)
     n = COUNTS.get("data", 0)
     print(f"\nread_npz fuzz: {n} generated cases, {COUNTS.get('data_ok', 0)} loaded, "
           f"{COUNTS.get('data_error', 0)} one-line errors")

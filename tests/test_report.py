@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from modalign.analysis.compare import paired_comparison
 from modalign.analysis.comparability import config_diff, differences

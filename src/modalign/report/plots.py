@@ -16,6 +16,13 @@ from modalign.report.figures import _plt
 BAND_RESAMPLES = 2_000  # per-step CI bands: many steps, and a band is drawn, not read off
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
 def _curve(run_path: Path, split: str, name: str) -> dict[int, float]:
     out = {}
     try:
@@ -72,10 +79,7 @@ def plot_curves(rep, path: Path) -> Path | None:
         ax.set(xlabel="step", title=f"{title} (mean, 95% CI over seeds)")
         if ax.has_data():
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_by_group(rep, path: Path) -> Path | None:
@@ -100,10 +104,7 @@ def plot_by_group(rep, path: Path) -> Path | None:
     ax.set(ylabel=rep.metric, title=f"{rep.metric}: mean, 95% CI, runs as dots"
            + (f" (chance {chance:.3g})" if chance is not None else ""))
     ax.title.set_fontsize(10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def grid_axes(rep) -> tuple[str, str] | None:
@@ -136,10 +137,7 @@ def plot_heatmap(rep, path: Path) -> Path | None:
     ax.set_yticks(range(len(rows)), rows)
     ax.set(xlabel=b, ylabel=a, title=f"{rep.metric} (mean over seeds)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto(rep, path: Path) -> Path | None:
@@ -170,10 +168,7 @@ def plot_pareto(rep, path: Path) -> Path | None:
         if col == 1:
             ax.set_xscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_registers(rep, path: Path) -> Path | None:
@@ -194,10 +189,7 @@ def plot_registers(rep, path: Path) -> Path | None:
     ax.set(xlabel="registers kept (k)", ylabel=f"test {leaf}", title=f"{leaf} vs registers kept (mean, 95% CI)")
     ax.set_xticks(sorted({r["k"] for rows in rep.registers.values() for r in rows}))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_report(rep, out: Path) -> dict[str, Path]:
