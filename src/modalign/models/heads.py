@@ -116,6 +116,18 @@ class RegisterOptions:
         return None
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention, written out: with a handful of queries (the registers) this
+    is a few small batched matmuls, where nn.MultiheadAttention's reshapes cost more than the math.
+
+    q (B, h, Q, d), k and v (B, h, L, d), blocked broadcastable to (B, h, Q, L), True = may not attend.
+    -> (B, h, Q, d)
+    """
+    scores = torch.einsum("bhqd,bhld->bhql", q, k) * q.shape[-1] ** -0.5  # (B, h, Q, L)
+    scores = scores.float().masked_fill(blocked, float("-inf"))
+    return torch.einsum("bhql,bhld->bhqd", scores.softmax(-1).to(v.dtype), v)
+
+
 class RegisterBlock(nn.Module):
     """Pre-norm block: causal self-attention among registers, cross-attention to the tokens, MLP.
 
@@ -127,26 +139,63 @@ class RegisterBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
         super().__init__()
+        self.heads = heads
         self.norm_self = nn.LayerNorm(width)
-        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.qkv_self = nn.Linear(width, 3 * width)
+        self.out_self = nn.Linear(width, width)
         self.norm_q = nn.LayerNorm(width)
-        self.norm_kv = nn.LayerNorm(width)
-        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.q_cross = nn.Linear(width, width)
+        # Keys and values of the tokens are never materialised (see cross_attend): a key bias would
+        # add the same score to every token of a query, which softmax removes, so there is none.
+        self.k_cross = nn.Linear(width, width, bias=False)
+        self.v_cross = nn.Linear(width, width)
+        self.out_cross = nn.Linear(width, width)
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_ratio * width, width))
+        self.drop = nn.Dropout(dropout)
 
-    def forward(self, r, tokens, pad, causal):
-        # r (B, K, W) registers; tokens (B, T, W); pad (B, T) True = padding; causal (K, K) True = blocked
-        h = self.norm_self(r)
-        r = r + self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0]
-        kv = self.norm_kv(tokens)
-        r = r + self.cross_attn(self.norm_q(r), kv, kv, key_padding_mask=pad, need_weights=False)[0]
+    def _split(self, x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        b, n, _ = x.shape  # (B, N, parts * W) -> parts x (B, h, N, d)
+        x = x.view(b, n, parts, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return list(x.unbind(0))
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = x.shape  # (B, h, N, d) -> (B, N, W)
+        return x.transpose(1, 2).reshape(b, n, h * d)
+
+    def forward(self, r, kv_tokens, pad, causal):
+        # r (B, K, W) registers; kv_tokens (B, T, W) normalised tokens; pad (B, T) True = padding;
+        # causal (K, K) True = blocked
+        q, k, v = self._split(self.qkv_self(self.norm_self(r)), 3)  # (B, h, K, d) each
+        r = r + self.drop(self.out_self(self._merge(attend(q, k, v, causal))))
+        q = self._split(self.q_cross(self.norm_q(r)), 1)[0]  # (B, h, K, d)
+        r = r + self.drop(self.out_cross(self._merge(self.cross_attend(q, kv_tokens, pad))))
         return r + self.mlp(self.norm_mlp(r))  # (B, K, W)
+
+    def cross_attend(self, q: torch.Tensor, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of a few queries over many tokens, with the projections folded:
+        q·(W_k x) = (W_k^T q)·x, and sum_t a_t (W_v x_t + b_v) = W_v (sum_t a_t x_t) + b_v. The tokens
+        are read by two batched matmuls and never projected, so the cost is O(B·h·K·T·W) instead of
+        O(B·T·W²), with no (B, T, W)-sized intermediate (the register count K is tiny).
+
+        q (B, h, K, d), x (B, T, W) normalised tokens, pad (B, T) True = padding -> (B, h, K, d)
+        """
+        b, h, k, d = q.shape
+        w = x.shape[-1]
+        wk = self.k_cross.weight.view(h, d, w)  # head i's rows of W_k
+        qk = torch.einsum("bhkd,hdw->bhkw", q, wk.to(q.dtype)).reshape(b, h * k, w)  # (B, hK, W)
+        x = x.to(qk.dtype)
+        scores = torch.bmm(qk, x.transpose(1, 2)).float() * d ** -0.5  # (B, hK, T)
+        scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+        ctx = torch.bmm(scores.softmax(-1).to(x.dtype), x).view(b, h, k, w)  # (B, h, K, W)
+        wv = self.v_cross.weight.view(h, d, w)
+        out = torch.einsum("bhkw,hdw->bhkd", ctx, wv.to(ctx.dtype))  # (B, h, K, d)
+        return out + self.v_cross.bias.view(1, h, 1, d).to(out.dtype)
 
 
 @register_variant("head", "registers", created_by=TEAM, model=ASSISTANT, date="2026-11-22",
-                  experiment_id="M1-registers", version="0.1.0",
+                  experiment_id="M1-registers", version="0.2.0",
                   approach="K learnable register tokens cross-attend to the encoder's tokens; the first K_o "
                            "align with text under nested dropout, the rest reconstruct the modality",
                   key_features=["cross-attention over token features", "causal attention among registers",
@@ -178,6 +227,7 @@ class RegisterHead(nn.Module):
         self.registers = nn.Parameter(torch.randn(options.registers, in_dim) * 0.02)  # (K, W)
         self.blocks = nn.ModuleList(RegisterBlock(in_dim, options.heads, options.mlp_ratio, options.dropout)
                                     for _ in range(options.depth))
+        self.norm_tokens = nn.LayerNorm(in_dim)  # once for all blocks: each block projects its own keys/values
         self.norm = nn.LayerNorm(in_dim)
         self.embed = nn.Linear(options.overlap * in_dim, out_dim)  # W_e over the concatenated prefix
         n_comp = options.registers - options.overlap
@@ -208,8 +258,9 @@ class RegisterHead(nn.Module):
         b, _, w = tokens.shape
         r = self.registers[None].expand(b, -1, -1)  # (B, K, W)
         pad = ~mask  # (B, T) True = padding
+        kv = self.norm_tokens(tokens)  # (B, T, W)
         for block in self.blocks:
-            r = block(r, tokens, pad, self.causal)
+            r = block(r, kv, pad, self.causal)
         r = self.norm(r)  # (B, K, W)
         overlap = r[:, :self.n_overlap] * self.prefix_mask(b, r.device)[:, :, None]  # (B, K_o, W)
         out = {"embedding": self.embed(overlap.reshape(b, -1)), "registers": r}  # (B, D)
