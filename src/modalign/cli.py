@@ -168,7 +168,10 @@ def _print_result(run, summary: dict, console) -> None:
 
 
 def cmd_train(args) -> int:
+    from modalign.train.distributed import from_env
 
+    if from_env().distributed:  # under torchrun
+        return _train_distributed(args)
     from modalign.recipes.launch import execute, new_run, resume_run, split_resume
 
     resume, overrides = split_resume(args.overrides)
@@ -179,6 +182,32 @@ def cmd_train(args) -> int:
     elif code == 0:
         print(run.path)
     return code
+
+
+def _train_distributed(args) -> int:
+    import torch.distributed as dist
+
+    from modalign.recipes.launch import run_distributed
+    from modalign.train.distributed import init_from_env
+
+    world = init_from_env()
+    try:
+        result = run_distributed(args.overrides, args.recipe, args.quiet, world)
+        code, run = result[0], result[-1]
+        if world.is_main and code == 0:
+            from modalign.runs.rundir import read_json
+
+            summary = read_json(run.facts / "summary.json")
+            if args.quiet:
+                print(run.path)
+            else:
+                _print_result(run, summary, _console())
+                _console().print(f"trained on {world.size} ranks ({world.backend}), each on 1/{world.size} "
+                                 "of every global batch")
+        return code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cmd_demo(args) -> int:

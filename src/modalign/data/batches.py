@@ -64,8 +64,10 @@ class PairedTensors:
 class EpochSampler:
     """Shuffled batches without replacement; caption paraphrase drawn per sample per epoch."""
 
-    def __init__(self, data: PairedTensors, batch_size: int, seed: int, accumulate: int = 1):
+    def __init__(self, data: PairedTensors, batch_size: int, seed: int, accumulate: int = 1,
+                 shard: slice | None = None):
         self.data, self.batch_size, self.seed = data, min(batch_size, data.n), seed
+        self.shard = shard  # distributed: this rank's slice of every global batch (None = all of it)
         self.accumulate = accumulate  # micro-batches per optimizer step
         self.steps_per_epoch = data.n // self.batch_size  # micro-batches; the ragged last one is dropped
         self._epoch, self._perm, self._k = -1, None, None
@@ -82,5 +84,7 @@ class EpochSampler:
             u = torch.rand(self.data.n, generator=g)
             self._k = (u * self.data.n_captions).long()  # (N,) uniform over each sample's captions
             self._epoch = epoch
-        idx = self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+        idx = self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]  # the global batch
+        if self.shard is not None:
+            idx = idx[self.shard]  # every rank draws the same global batch and keeps its own rows
         return self.data.batch(idx, self._k[idx])

@@ -21,24 +21,28 @@ def positives(groups_a: torch.Tensor, groups_b: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(modality: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-              groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              groups: torch.Tensor | None = None, rows: slice | None = None) -> dict[str, torch.Tensor]:
     """Bidirectional InfoNCE with soft multi-positive targets.
 
     modality (B, D), text (B, D): L2-normalised, row i of each is a pair.
     logit_scale: scalar, already exponentiated and clamped.
     groups (B,) int: caption group per row; None = every caption distinct.
+    rows: only these queries (a rank's own samples, open_clip's local loss), each against all B;
+        None = every row.
     Returns {"clip_m2t", "clip_t2m", "clip"} with clip the mean of the two directions.
     """
-    logits = logit_scale * modality @ text.T  # (B, B)
+    rows = rows if rows is not None else slice(None)
+    m2t_logits = logit_scale * modality[rows] @ text.T  # (R, B)
+    t2m_logits = logit_scale * text[rows] @ modality.T  # (R, B)
     if groups is None:
-        target = torch.arange(len(logits), device=logits.device)
-        m2t = F.cross_entropy(logits, target)
-        t2m = F.cross_entropy(logits.T, target)
+        target = torch.arange(len(modality), device=modality.device)[rows]
+        m2t = F.cross_entropy(m2t_logits, target)
+        t2m = F.cross_entropy(t2m_logits, target)
     else:
-        pos = positives(groups, groups).to(logits.dtype)  # symmetric
+        pos = positives(groups[rows], groups).to(m2t_logits.dtype)  # (R, B); symmetric relation
         target = pos / pos.sum(1, keepdim=True)
-        m2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-        t2m = -(target * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+        m2t = -(target * F.log_softmax(m2t_logits, dim=1)).sum(1).mean()
+        t2m = -(target * F.log_softmax(t2m_logits, dim=1)).sum(1).mean()
     return {"clip_m2t": m2t, "clip_t2m": t2m, "clip": (m2t + t2m) / 2}
 
 

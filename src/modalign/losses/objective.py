@@ -9,6 +9,7 @@ from torch import nn
 
 from modalign.losses.contrastive import (TextQueue, clip_loss, masked_token_loss, queue_loss,
                                          random_token_mask, siglip_loss)
+from modalign.train.distributed import SINGLE, World, gather_features
 
 
 @dataclass
@@ -18,36 +19,48 @@ class LossConfig:
     queue_weight: float = 0.5  # weight of the queue term (modality -> text over batch + queue)
     mlm_ratio: float = 0.15  # fraction of valid tokens hidden for the masked-modeling auxiliary
     mlm_weight: float = 0.0  # weight of the masked-modeling term; 0 = off (saves a second forward pass)
+    local_loss: bool = False  # distributed: each rank's own rows against the global batch (open_clip's
+    #                           local_loss; same gradient, B_local x B logits per rank instead of B x B)
 
 
 class AlignObjective(nn.Module):
     """objective(model, batch) -> {"loss", <term>: ...}. Holds the queue, so it has state."""
 
-    def __init__(self, cfg: LossConfig, text_dim: int):
+    def __init__(self, cfg: LossConfig, text_dim: int, world: World = SINGLE):
         super().__init__()
         if cfg.kind not in ("clip", "siglip"):
             raise ValueError(f"unknown loss.kind '{cfg.kind}' (expected clip or siglip)")
         self.cfg = cfg
+        self.world = world
         self.queue = TextQueue(cfg.queue_size, text_dim) if cfg.queue_size > 0 else None
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        m, _, aux = model.encode_modality(batch)  # (B, D), _, head's auxiliary terms
-        t = model.encode_text(batch["text"])  # (B, D)
+        """model: the AlignModel, or DistributedDataParallel around it (called once, through forward)."""
+        core = getattr(model, "module", model)
+        out, t, scale, bias = model(batch)  # modality output, text (B, D), logit scale and bias
+        m, aux = out.embedding, out.aux  # (B, D), the head's auxiliary terms
         mlm = None
         if self.cfg.mlm_weight > 0:
             hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio)  # (B, T)
-            tokens = model.encode_modality(batch, masked=hidden).tokens
-            mlm = (model.mlm_head(tokens), hidden)  # (B, T, V or C), (B, T)
+            tokens = core.encode_modality(batch, masked=hidden).tokens
+            mlm = (core.mlm_head(tokens), hidden)  # (B, T, V or C), (B, T)
         with torch.autocast("cpu", enabled=False):  # logits and softmax in fp32 even under bf16 autocast
-            return self._terms(model, batch, m.float(), t.float(), mlm, aux)
+            return self._terms(core, batch, m.float(), t.float(), scale, bias, mlm, aux)
 
-    def _terms(self, model, batch: dict, m: torch.Tensor, t: torch.Tensor, mlm, aux: dict) -> dict[str, torch.Tensor]:
-        scale, groups = model.scale(), batch["groups"]
+    def _terms(self, model, batch: dict, m: torch.Tensor, t: torch.Tensor, scale, bias, mlm,
+               aux: dict) -> dict[str, torch.Tensor]:
+        groups = batch["groups"]
+        rows = None
+        if self.world.distributed:  # the global batch: every rank's features, with their gradients
+            local = len(m)
+            m, t, groups = gather_features(m, t, groups, world=self.world)
+            if self.cfg.local_loss:
+                rows = slice(self.world.rank * local, (self.world.rank + 1) * local)
         if self.cfg.kind == "clip":
-            terms = clip_loss(m, t, scale, groups)
+            terms = clip_loss(m, t, scale, groups, rows)
             loss = terms["clip"]
         else:
-            terms = siglip_loss(m, t, scale, model.logit_bias, groups)
+            terms = siglip_loss(m, t, scale, bias, groups)
             loss = terms["siglip"]
         if self.queue is not None:
             if self.training:

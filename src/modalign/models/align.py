@@ -96,6 +96,14 @@ class AlignModel(nn.Module):
         out = self.head(pooled, tokens, batch["mask"], batch["globals"])
         return ModalityOutput(F.normalize(out["embedding"].float(), dim=-1), tokens, out.get("aux", {}))
 
+    def forward(self, batch: dict) -> tuple[ModalityOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training forward: (modality output, normalised text (B, D), logit scale, logit bias).
+        The objective calls the model through this alone, so DistributedDataParallel sees every
+        parameter the loss uses in the graph of forward's outputs."""
+        # the bias goes out as a clone: a leaf parameter returned as it is gets marked ready twice by
+        # DDP's unused-parameter search (once as unused at the end of forward, once by its gradient)
+        return self.encode_modality(batch), self.encode_text(batch["text"]), self.scale(), self.logit_bias.clone()
+
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """text (B, text_dim) frozen sentence embeddings -> normalised (B, D)."""
         if self.text_proj is not None:

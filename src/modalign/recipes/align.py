@@ -121,8 +121,11 @@ def init_encoder(encoder, cfg, source: str) -> dict:
 
 
 class AlignRecipe:
-    def __init__(self, cfg, run: RunDir, progress: bool = True):
+    def __init__(self, cfg, run: RunDir, progress: bool = True, world=None):
+        from modalign.train.distributed import SINGLE
+
         self.cfg, self.run, self.show_progress = cfg, run, progress
+        self.world = world or SINGLE  # torchrun: every rank runs the recipe; rank 0's run is the run dir
 
     # setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -170,7 +173,7 @@ class AlignRecipe:
             self.model = AlignModel(self.model_cfg)
         except ValueError as e:  # a component's check that needs the data (e.g. head.aux_target=globals)
             raise UserError(f"config: {e}") from None
-        self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim)
+        self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim, self.world)
         self.parents = []
         if st.encoder_init_from is not None:
             self.parents.append(init_encoder(self.model.encoder, self.model_cfg.encoder, st.encoder_init_from))
@@ -202,7 +205,19 @@ class AlignRecipe:
         t, seed = self.trainer_cfg, self.cfg.seed
         opt = build_optimizer(self.model.components(), self.optim_cfg)
         sched = build_scheduler(opt, self.optim_cfg, t.max_steps)
-        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed, t.accumulate)
+        world = self.world
+        shard = None
+        if world.distributed:
+            from modalign.train.distributed import shard as shard_of
+
+            if t.batch_size % world.size:
+                raise UserError(f"config: 'trainer.batch_size'={t.batch_size} must divide by the {world.size} "
+                                "ranks (each trains on an equal shard of the global batch)")
+            if self.loss_cfg.queue_size > 0 or self.loss_cfg.mlm_weight > 0:
+                raise UserError("config: 'loss.queue_size' and 'loss.mlm_weight' must be 0 under torchrun "
+                                "(the caption queue and the masked-modeling pass are single-process for now)")
+            shard = shard_of(t.batch_size, world)
+        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed, t.accumulate, shard)
         if self.sampler.batch_size < t.batch_size:
             log.warning("trainer.batch_size=%d is larger than the %d training samples; using %d",
                         t.batch_size, len(self.splits["train"]), self.sampler.batch_size)
@@ -217,9 +232,16 @@ class AlignRecipe:
             progress = TrainProgress(f"align {self.run.path.name[:40]}", metric)
         describe = {"model_config": self.model_cfg.to_dict(), "recipe": "align",
                     "text_model": self.text.model_id}
+        ddp = None
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # every parameter the loss uses is in forward's graph; find_unused covers the ones a
+            # configuration leaves out (e.g. the SigLIP bias under CLIP, a frozen encoder)
+            ddp = DistributedDataParallel(self.model, find_unused_parameters=True)
         self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
                                lambda: self.evaluate("val")[0], t, self.run.checkpoints, [self.sink],
-                               describe=describe, progress=progress)
+                               describe=describe, progress=progress, ddp=ddp)
         self.resume = resume
         self._write_provenance()
 
@@ -230,7 +252,8 @@ class AlignRecipe:
     def _resume_payload(self):
         from modalign.train.checkpoint import load_checkpoint
 
-        last = self.run.checkpoints / "last.pt"
+        source = self.run.path if self.world.is_main or self.cfg.resume is None else Path(str(self.cfg.resume))
+        last = source / "checkpoints" / "last.pt"  # ranks > 0 read rank 0's run dir, and write a shadow
         if self.cfg.resume is None or not last.exists():
             return None
         payload = load_checkpoint(last)
@@ -250,7 +273,8 @@ class AlignRecipe:
             seed=self.cfg.seed,
             variant=get_variant("head", self.model_cfg.head.kind).metadata(),
             code=code_info(),
-            env=env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
+            env={**env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
+                 "world_size": self.world.size, "backend": self.world.backend or None},
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             text={"model": self.text.model_id, "cache": self.text.stats},

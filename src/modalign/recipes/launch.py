@@ -187,7 +187,7 @@ def attach_log(run_path: Path) -> logging.Handler:
     return h
 
 
-def execute(cfg, run, quiet: bool, keep_failed: bool = False):
+def execute(cfg, run, quiet: bool, keep_failed: bool = False, world=None):
     """Run the recipe in `run`; keep run.json's status honest. -> (exit code, summary or None)."""
     import shutil
 
@@ -200,7 +200,12 @@ def execute(cfg, run, quiet: bool, keep_failed: bool = False):
     handler = attach_log(run.path)
     log = logging.getLogger("modalign")
     log.info("run %s: %s", run.path, " ".join(sys.argv))
-    recipe = recipe_class(str(cfg.recipe))(cfg, run, progress=not quiet)
+    if world is not None and world.distributed:
+        if str(cfg.recipe) != "align":
+            raise UserError(f"torchrun: the {cfg.recipe} recipe runs in a single process for now (use align)")
+        recipe = recipe_class("align")(cfg, run, progress=not quiet, world=world)
+    else:
+        recipe = recipe_class(str(cfg.recipe))(cfg, run, progress=not quiet)
     trained = lambda: any(run.checkpoints.glob("*.pt"))  # noqa: E731
     STOP.clear()
     previous = _on_sigterm(lambda *_: STOP.set())
@@ -255,3 +260,40 @@ def _on_sigterm(handler):
     return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 
+
+
+def run_distributed(overrides: list[str], recipe: str, quiet: bool, world):
+    """Every torchrun rank calls this. Rank 0 creates (or resumes) the run directory and shares its
+    path; the other ranks train in step with it, reading the run's config and checkpoints and writing
+    only to a shadow directory that is removed at the end. -> (exit code, rank 0's run, summary)."""
+    import shutil
+    import tempfile
+
+    from modalign.runs.rundir import RunDir
+    from modalign.train.distributed import broadcast_object
+
+    if recipe != "align":
+        raise UserError(f"torchrun: the {recipe} recipe runs in a single process for now (use --recipe align)")
+    resume, overrides = split_resume(overrides)
+    if world.is_main:
+        try:
+            cfg, run = resume_run(resume, overrides) if resume else new_run(overrides, recipe)
+            broadcast_object(str(run.path), world)
+        except UserError as e:
+            broadcast_object(UserError(str(e)), world)  # the other ranks stop with the same line
+            raise
+        return (*execute(cfg, run, quiet, world=world)[:1], run)
+    got = broadcast_object(None, world)
+    if isinstance(got, UserError):
+        raise got
+    shadow = Path(tempfile.mkdtemp(prefix=f"modalign-rank{world.rank}-"))
+    try:
+        for name in ("cfg.yaml", "run.json", "overrides.yaml"):
+            shutil.copyfile(Path(got) / name, shadow / name)
+        for sub in ("facts", "figures", "checkpoints"):
+            (shadow / sub).mkdir()
+        cfg = load_yaml(shadow / "cfg.yaml")
+        code, _ = execute(cfg, RunDir(shadow), quiet=True, world=world)
+        return code, None
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)

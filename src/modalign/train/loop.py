@@ -89,8 +89,9 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, sampler, evaluate: Callable[[], dict[str, float]], cfg: TrainerConfig,
                  ckpt_dir: Path | None, sinks: list[Sink], describe: dict | None = None,
-                 progress=None):
+                 progress=None, ddp: nn.Module | None = None):
         self.model, self.objective, self.opt, self.sched = model, objective, optimizer, scheduler
+        self.ddp = ddp  # DistributedDataParallel around model (torchrun), or None
         self.sampler, self.evaluate, self.cfg = sampler, evaluate, cfg
         self.ckpt_dir, self.sinks, self.describe = ckpt_dir, sinks, describe or {}
         self.progress = progress  # modalign.train.progress.TrainProgress or None
@@ -145,15 +146,26 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         acc = self.cfg.accumulate
         totals: dict[str, torch.Tensor] = {}
+        net = self.ddp if self.ddp is not None else self.model
         for micro in range(acc):
             batch = self.sampler.batch(self.step * acc + micro)
-            with self._autocast():
-                terms = self.objective(self.model, batch)
-            if faults.hit("nan:loss", at=self.step + 1):
-                terms["loss"] = terms["loss"] * float("nan")
-            (terms["loss"] / acc).backward()
+            # DDP averages gradients once per optimizer step: not after every micro-batch
+            sync = self.ddp.no_sync() if self.ddp is not None and micro < acc - 1 else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    terms = self.objective(net, batch)
+                if faults.hit("nan:loss", at=self.step + 1):
+                    terms["loss"] = terms["loss"] * float("nan")
+                (terms["loss"] / acc).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / acc
+        if self.ddp is not None:  # what every rank logs and checks: the mean over ranks (local loss differs by rank)
+            import torch.distributed as dist
+
+            names = sorted(totals)
+            stacked = torch.stack([totals[k] for k in names])
+            dist.all_reduce(stacked)
+            totals = dict(zip(names, stacked / dist.get_world_size()))
         components = self.model.components()
         norms = grad_norms(components)
         bad = [k for k, v in totals.items() if not torch.isfinite(v)]
