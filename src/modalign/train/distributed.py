@@ -3,8 +3,7 @@ contrastive loss (in the manner of open_clip's `gather_features`, kept apart fro
 
     torchrun --nproc-per-node 2 -m modalign.recipes.align trainer.batch_size=256 ...
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init_from_env` joins the group (gloo on CPU,
-nccl on GPU). Each rank trains on its shard of every global batch (batch_size / world samples),
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init_from_env` joins the group (gloo: CPU). Each rank trains on its shard of every global batch (batch_size / world samples),
 the model is wrapped in DistributedDataParallel, and the contrastive loss sees the global batch:
 features are gathered from all ranks with their gradients, so the logits are the single-process
 logits and the gradients equal a single process on the same global batch. Only rank 0 writes the
@@ -44,8 +43,8 @@ def from_env() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
-                 "nccl" if torch.cuda.is_available() else "gloo")
+    # gloo: modalign trains on the CPU today; nccl comes with GPU placement (docs/scale-out.md)
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")), "gloo")
 
 
 def init_from_env() -> World:
