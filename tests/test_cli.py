@@ -197,3 +197,24 @@ def test_bad_arguments_exit_2(tmp_path, cache_dir):
         p = run_cli(args, tmp_path, cache_dir)
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert p.returncode == 2 and len(lines) == 1 and fragment in lines[0], (args, p.stderr)
+
+
+@pytest.mark.parametrize("override, expected", [  # found by tests/test_fuzz.py
+    ("trainer=5", "Config group override must be a string"),
+    ("eval=5", "'eval' must be a config section"),
+    ("~seed", "'seed' is required"),
+    ("trainer.optim.encoder=5", "'trainer.optim' must map each component"),
+    ("trainer.optim.eps=-1", "'trainer.optim.eps' is -1.0"),
+    ("trainer.optim.betas=[1.5,0.9]", "'trainer.optim.betas[0]' is 1.5"),
+    ("trainer.optim.min_lr_ratio=-5", "'trainer.optim.min_lr_ratio' is -5.0"),
+    ("trainer.grad_clip=nan", "'trainer.grad_clip' is nan"),
+])
+def test_structural_and_nan_config_errors_stop_before_a_run_dir(override, expected, tmp_path, monkeypatch, capsys):
+    from modalign.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet", "trainer=smoke", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    runs = tmp_path / "outputs" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())

@@ -225,3 +225,37 @@ def test_bad_input_is_one_line_user_error(tmp_path, case):
     assert "\n" not in msg
     assert msg.startswith(named + (f":{line}:" if line else ":")), msg
     assert text in msg, msg
+
+
+# found by tests/test_fuzz.py ----------------------------------------------------------------------
+def test_line_separator_characters_in_captions_round_trip(tmp_path):
+    ids = [f"s{i}" for i in range(N)]
+    lines = [json.dumps({"id": i, "captions": [f"one\u2028two\u2029three\u0085 of {i}"]}, ensure_ascii=False)
+             for i in ids]
+    data = read_npz(str(_write(tmp_path, lines=lines)))
+    assert data.captions[0] == ["one\u2028two\u2029three\u0085 of s0"]
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: (p.parent / "data.jsonl").unlink() or (p.parent / "data.jsonl").mkdir(), "cannot read the captions"),
+    (lambda p: (p.parent / "data.jsonl").write_text(
+        json.dumps({"id": "s0", "captions": ["\ud800"]}) + "\n"
+        + "\n".join(json.dumps({"id": f"s{i}", "captions": ["c"]}) for i in range(1, N)) + "\n"),
+     "is not valid Unicode"),
+    (lambda p: (p.parent / "data.jsonl").write_text("[" * 100_000 + "\n"), "nested too deeply"),
+])
+def test_unreadable_captions_are_one_line(tmp_path, make, expected):
+    path = _write(tmp_path)
+    make(path)
+    with pytest.raises(UserError) as e:
+        read_npz(str(path)).validate()
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_compression_method_in_the_npz_is_one_line(tmp_path):
+    path = _write(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"PK\x01\x02") + 10] = 99  # the central directory's compression method
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"data.npz: array '\w+' is corrupt"):
+        read_npz(str(path))

@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
                 "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs}[args.command](args)
-    except UserError as e:
-        print(f"modalign: error: {e}", file=sys.stderr)
+    except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
+        print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("modalign: interrupted; continue a run with: modalign train resume=RUN_DIR "

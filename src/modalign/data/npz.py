@@ -183,7 +183,8 @@ def _load_arrays(npz_path: Path) -> dict[str, np.ndarray]:
                 if "Object arrays" in str(e):
                     raise UserError(_object_message(src, key)) from None
                 raise UserError(f"{src}: array '{key}' is corrupt ({_one_line(e)})") from None
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
+                # NotImplementedError: an unknown compression method; RuntimeError: an encrypted member
                 raise UserError(f"{src}: array '{key}' is corrupt ({_one_line(e)})") from None
             if not isinstance(arr, np.ndarray):
                 raise UserError(f"{src}: member '{key}' is not a numpy array")
@@ -258,6 +259,8 @@ def _read_captions(cap_path: Path, ids: np.ndarray) -> tuple[list[list[str]], li
         text = cap_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{cap_path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:  # e.g. a directory where the captions file should be
+        raise UserError(f"{cap_path}: cannot read the captions ({e.strerror or e})") from None
     # entries: (where, id, captions value, facts value), where = "FILE:LINE" or "FILE"
     if cap_path.suffix == ".json":
         entries = _json_entries(cap_path, text)
@@ -298,14 +301,17 @@ def _read_captions(cap_path: Path, ids: np.ndarray) -> tuple[list[list[str]], li
 
 def _jsonl_entries(cap_path: Path, text: str) -> list[tuple[str, str, Any, Any]]:
     entries = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines() also breaks at U+2028, U+2029 and U+0085, which JSON writes raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{cap_path}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
+            raise UserError(f"{where}: bad JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+        except RecursionError:
+            raise UserError(f"{where}: bad JSON (nested too deeply)") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: expected a JSON object per line, got {_json_type(row)}")
         unknown = [k for k in row if k not in CAPTION_KEYS]
@@ -377,6 +383,8 @@ def _read_prompts(path: Path, label_names: list[str] | None, src: str) -> list[l
         raise UserError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (OSError, RecursionError) as e:
+        raise UserError(f"{path}: cannot read the class prompts ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object mapping label name to prompts, got {_json_type(obj)}")
     if label_names is None:

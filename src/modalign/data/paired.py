@@ -197,6 +197,11 @@ class PairedData:
             for j, c in enumerate(caps):
                 if not isinstance(c, str):
                     raise UserError(f"{src}: caption {j} of sample '{self.ids[i]}' is {type(c).__name__}, not a string")
+                try:
+                    c.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON): not text
+                    raise UserError(f"{src}: caption {j} of sample '{self.ids[i]}' is not valid Unicode "
+                                    f"(a lone surrogate at character {e.start})") from None
                 if not c.strip():
                     raise UserError(f"{src}: caption {j} of sample '{self.ids[i]}' is empty")
 

@@ -50,8 +50,9 @@ def load_data(cfg) -> PairedData:
         if cause is not None:
             raise cause from None
         if type(e).__name__ == "InstantiationException":
-            msg = str(e).strip().splitlines()[0]
-            raise UserError(f"config: data: {msg}") from None
+            inner = e.__cause__ or e.__context__
+            msg = f"{type(inner).__name__}: {inner}" if inner is not None else str(e).strip().splitlines()[0]
+            raise UserError(f"config: data: {' '.join(msg.split())}") from None
         raise
 
 

@@ -27,7 +27,8 @@ def compose(overrides: list[str], config_name: str = "align", return_hydra_confi
         with initialize_config_module("modalign.conf", version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides) + plugin_searchpath(),
                                  return_hydra_config=return_hydra_config)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:
+        # ValueError/TypeError: Hydra's own, e.g. a config group set to a number (trainer=5)
         raise UserError(f"config: {_explain(e, overrides)}") from None
 
 
@@ -127,6 +128,8 @@ def typed(cls, values: dict, key: str, **extra):
 
 
 def check_range(key: str, value, *, min_value=None, max_value=None, choices=None) -> None:
+    if isinstance(value, float) and value != value:  # NaN passes every comparison
+        raise UserError(f"config: '{key}' is nan; it must be a number")
     if choices is not None and value not in choices:
         raise UserError(f"config: '{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
     if min_value is not None and value < min_value:

@@ -52,6 +52,16 @@ def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
     extra = sorted(set(resolved) - known)
     if extra:
         raise UserError(f"config: unknown key '{extra[0]}'")
+    sections = ["data", "encoder", "trainer", "eval", "env"] + (["head", "loss", "text"] if recipe == "align" else [])
+    for key in sections:  # a section set to a scalar or deleted (eval=5, ~trainer) fails here, not mid-run
+        if not isinstance(resolved.get(key), dict):
+            raise UserError(f"config: '{key}' must be a config section (a mapping), got {resolved.get(key)!r}")
+    optim = resolved["trainer"].get("optim")
+    if not isinstance(optim, dict) or not all(isinstance(v, dict) for k, v in optim.items()
+                                              if k not in ("warmup_steps", "min_lr_ratio", "betas", "eps")):
+        raise UserError("config: 'trainer.optim' must map each component to {lr, weight_decay}")
+    if "seed" not in resolved:
+        raise UserError("config: 'seed' is required (an integer)")
     for key in ("outputs", "name"):
         if not isinstance(resolved.get(key), str) or not resolved[key]:
             raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")

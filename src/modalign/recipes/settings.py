@@ -94,6 +94,12 @@ def read_training(cfg, components: tuple[str, ...]) -> tuple[int, "TrainerConfig
         optim.pop(k)  # another recipe's component (e.g. heads when autoencoding): not used here
     o = typed(OptimConfig, optim, "trainer.optim", groups=groups)
     check_range("trainer.optim.warmup_steps", o.warmup_steps, min_value=0)
+    check_range("trainer.optim.min_lr_ratio", o.min_lr_ratio, min_value=0.0, max_value=1.0)
+    check_range("trainer.optim.eps", o.eps, min_value=1e-12)
+    if len(o.betas) != 2:
+        raise UserError(f"config: 'trainer.optim.betas' must be two numbers, got {list(o.betas)}")
+    for i, b in enumerate(o.betas):
+        check_range(f"trainer.optim.betas[{i}]", b, min_value=0.0, max_value=0.999999)
     return seed, t, o
 
 
