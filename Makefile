@@ -1,5 +1,6 @@
 # make demo   — set up .venv (first time only) and run the demo alignment
 # make test   — set up .venv with test extras (first time only) and run the test suite
+# make bench  — the benchmarks of benchmarks/, written into BENCHMARKS.md
 # Torch is installed first and pinned: the CPU wheel 2.13.0; a bare `torch` would pull a CUDA build.
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-slow install clean browser
+.PHONY: demo test test-slow bench install clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,10 @@ test: $(VENV)/.installed-test browser
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow
+
+# Side-by-side benchmarks (about 15 min); their tables go into BENCHMARKS.md. See benchmarks/README.md.
+bench: $(VENV)/.installed-test
+	$(PY) benchmarks/run_all.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
