@@ -75,14 +75,28 @@ def machine_line(extra: str = "") -> str:
         capture_output=True, text=True).stdout.split()
     torch_v, numpy_v = (versions + ["?", "?"])[:2]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    noted = [f"{k}={v}" for k, v in sorted(os.environ.items())
+             if k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") or k.startswith("MALLOC_")]
+    extra = ", ".join(x for x in (extra, "environment " + " ".join(noted) if noted else "") if x)
     return (f"{os.cpu_count()} CPUs (nproc), lscpu model \"{cpu_model()}\", {mem:.0f} GiB RAM, "
             f"load average {load} at start; Python {platform.python_version()}, torch {torch_v}, "
             f"numpy {numpy_v}{', ' + extra if extra else ''}; date {datetime.now(timezone.utc):%Y-%m-%d} (UTC)")
 
 
-def header(title: str, command: str, extra: str = "") -> None:
+def actual_command() -> str:
+    """The command line that is running, as typed from the repo root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+def header(title: str, command: str | None = None, extra: str = "") -> None:
+    """The section's title, the command that made it (the running one), and the machine line."""
     print(f"### {title}\n")
-    print(f"- Command: `{command}`")
+    print(f"- Command (from the repo root): `{actual_command()}`")
     print(f"- Machine: {machine_line(extra)}\n")
 
 
@@ -114,21 +128,36 @@ def fmt(x, digits: int = 2) -> str:
 
 
 # subprocess measurement --------------------------------------------------------------------------
-def run_worker(args: list[str], env_extra: dict | None = None, timeout: float | None = None) -> dict:
+def run_measured(args: list[str], env_extra: dict | None = None, env: dict | None = None,
+                 cwd: Path | None = None) -> dict:
+    """Run one fresh process (output to temp files) and reap it with os.wait4, so its rusage is its
+    own: {"wall", "user", "sys", "maxrss_mib", "minflt", "majflt", "rc", "stdout", "stderr"}."""
+    import tempfile
+
+    env = dict(env if env is not None else os.environ, **(env_extra or {}))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(args, stdout=out, stderr=err, env=env, cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss_mib": ru.ru_maxrss / 1024,
+                "minflt": ru.ru_minflt, "majflt": ru.ru_majflt, "rc": p.returncode,
+                "stdout": out.read(), "stderr": err.read()}
+
+
+def run_worker(args: list[str], env_extra: dict | None = None) -> dict:
     """Run `python args...` in a fresh process; it prints one JSON object on its last stdout line.
-    Adds the child's own peak RSS (ru_maxrss of RUSAGE_CHILDREN, taken as a difference: each worker
-    is the only child waited for in between) and the wall time of the whole process."""
-    env = dict(os.environ, **(env_extra or {}))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run([PY, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    out.setdefault("process_wall_s", wall)
-    out.setdefault("cpu_s", (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+    Adds the process's wall time, CPU time and peak RSS."""
+    m = run_measured([PY, *args], env_extra)
+    if m["rc"] != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed ({m['rc']}):\n{m['stderr'][-3000:]}")
+    out = json.loads(m["stdout"].strip().splitlines()[-1])
+    out.setdefault("process_wall_s", m["wall"])
+    out.setdefault("cpu_s", m["user"] + m["sys"])
+    out.setdefault("process_maxrss_mib", m["maxrss_mib"])
     return out
 
 
