@@ -25,6 +25,7 @@ benchmarks/.bench-deps (gitignored) and loads only open_clip/loss.py from its fi
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -231,6 +232,7 @@ def run_encoder(encoder: str, threads: int, args, clip_loss_cls) -> dict:
     res["components"] = component_costs(recipe)
     if res["ratio_med"] < 0.95 or args.profile:
         res["profile"] = profile(recipe, bare, steps=3 if args.quick else 5)
+    shutil.rmtree(root, ignore_errors=True)  # the run directory new_run made
     return res
 
 
