@@ -75,17 +75,22 @@ class BareLoop:
         text = m.text_proj(batch["text"]) if m.text_proj is not None else batch["text"]
         return F.normalize(emb.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
-    def train_step(self) -> float:
+    def features_and_scale(self, batch):
+        """Both sides' features (under bf16 autocast when the recipe uses it) and the logit scale."""
         torch = self.torch
-        self.model.train()
-        batch = self.sampler.batch(self.step)
-        self.opt.zero_grad(set_to_none=True)
         if self.precision == "bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 img, txt = self.features(batch)
         else:
             img, txt = self.features(batch)
-        scale = self.model.logit_scale.exp().clamp(max=self.model.cfg.max_logit_scale)
+        return img, txt, self.model.logit_scale.exp().clamp(max=self.model.cfg.max_logit_scale)
+
+    def train_step(self) -> float:
+        torch = self.torch
+        self.model.train()
+        batch = self.sampler.batch(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        img, txt, scale = self.features_and_scale(batch)
         loss = self.loss(img, txt, scale)  # fp32, outside autocast, as the recipe's objective
         loss.backward()
         if self.grad_clip > 0:
@@ -110,12 +115,7 @@ def loss_agreement(recipe, bare) -> tuple[float, float, int]:
     with torch.no_grad():
         with recipe.trainer._autocast():
             ours = float(recipe.objective(recipe.model, batch)["loss"])
-        if bare.precision == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                img, txt = bare.features(batch)
-        else:
-            img, txt = bare.features(batch)
-        scale = bare.model.logit_scale.exp().clamp(max=bare.model.cfg.max_logit_scale)
+        img, txt, scale = bare.features_and_scale(batch)
         ref = float(bare.loss(img, txt, scale))
     dup = len(batch["groups"]) - len(torch.unique(batch["groups"]))
     return ours, ref, dup
