@@ -5,18 +5,27 @@
 Data (fixed seed): N sensor embeddings m, unit-normalised Gaussian; their texts t = normalise(m + noise),
 cosine(m_i, t_i) ~ 0.32, so R@1 is neither 0 nor 1; groups = 0..N-1 (every pair its own group).
 
+A second data set, "groups of 5", is the same-facts kind of protocol: 5 pairs share a group (relevant to
+each other), built around a shared centre with noise so that R@1 ~ 0.6 and mAP ~ 0.4 (a middling model:
+the hard case for counting, many scores reach the lowest relevant one).
+
 Implementations, each measured in a fresh subprocess (wall time of the call; peak RSS = ru_maxrss of
 the worker; "added in call" = peak minus the high-water mark just before the call):
   ours        bidirectional_retrieval(m, t, groups, block_size=2048): R@1/5/10, median and mean rank and
-              mAP in both directions (two N x N score products, one per direction, in blocks)
+              mAP in both directions, from one N x N score product computed in 2,048 x 2,048 tiles,
+              counting per query the gallery items that score >= each relevant item (exact ties)
+  ours, groups of 5   the same call on the grouped data
   matmul      the matmul-bound time: one N x N x d float32 product, 2,048 query rows at a time into a
               reused buffer (`np.matmul(m[b], t.T, out=buf)`), nothing else. Every exact method needs at
               least this (the t2m scores are the transpose of the m2t ones).
-  blocked     a bounded-memory reference for the single-relevant-item case: per block of 2,048 rows
-              one product S_b = m_b t^T, then m2t rank = #(S_b[i] >= S_ii) and the t2m counts
-              #(S_b[i, j] >= S_jj, i != j) accumulated over blocks (S_jj as a dot product, so a
-              tie within one rounding may count differently from ours); both directions from one
-              product, pessimistic ties; metrics from the ranks (AP = 1 / rank)
+  blocked     a bare-bones bounded-memory count for the one-relevant-item case, the floor for what
+              ours does: per block of 2,048 rows one product S_b = m_b t^T, then m2t rank =
+              #(S_b[i] >= S_ii) and the t2m counts #(S_b[i, j] >= S_jj, i != j) accumulated over
+              blocks (S_jj as a separate dot product, so a tie within one rounding may count
+              differently from ours); metrics from the ranks (AP = 1 / rank)
+  sort        the sorting path ours falls back to (groups larger than MAX_COUNTED_RELEVANT), which
+              was ours until this benchmark showed it at 9.8x: `retrieval_ranks` per direction, a
+              product and a full sort of every query's row each. Run at the small N only.
   full        the full matrix where it fits: S = m t^T (N x N float32, 1.6 GB at N = 20k), ranks by
               comparing with diag(S) along rows and columns. Run at the small N only.
 Every worker uses 1 BLAS thread (OPENBLAS/OMP/MKL_NUM_THREADS=1) unless --blas-threads says otherwise:
@@ -42,10 +51,18 @@ BLOCK = 2048
 KS = (1, 5, 10)
 
 
-def data(n: int):
+def data(n: int, grouped: bool = False):
     import numpy as np
 
     rng = np.random.default_rng(12345)
+    if grouped:
+        groups = np.arange(n) // 5
+        centre = rng.standard_normal((groups[-1] + 1, DIM), dtype=np.float32)[groups]
+        m = centre + 2.0 * rng.standard_normal((n, DIM), dtype=np.float32)
+        t = centre + 2.0 * rng.standard_normal((n, DIM), dtype=np.float32)
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        t /= np.linalg.norm(t, axis=1, keepdims=True)
+        return m, t, groups
     m = rng.standard_normal((n, DIM), dtype=np.float32)
     m /= np.linalg.norm(m, axis=1, keepdims=True)
     t = m + 3.0 * rng.standard_normal((n, DIM), dtype=np.float32) / np.sqrt(DIM, dtype=np.float32)
@@ -70,10 +87,18 @@ def run_impl(impl: str, m, t, g) -> dict:
     import numpy as np
 
     n = len(m)
-    if impl == "ours":
+    if impl in ("ours", "ours-g5"):
         from modalign.eval.retrieval import bidirectional_retrieval
 
         metrics, _ = bidirectional_retrieval(m, t, g, block_size=BLOCK)
+        return metrics
+    if impl == "sort":
+        from modalign.eval.retrieval import retrieval_metrics, retrieval_ranks
+
+        metrics = {}
+        for d, q, gal in (("m2t", m, t), ("t2m", t, m)):
+            r = retrieval_ranks(q, gal, g, g, block_size=BLOCK)
+            metrics.update(retrieval_metrics(r["rank"], r["ap"], prefix=f"{d}_", ks=KS))
         return metrics
     if impl == "matmul":
         buf = np.empty((BLOCK, n), np.float32)
@@ -106,55 +131,64 @@ def run_impl(impl: str, m, t, g) -> dict:
     raise ValueError(impl)
 
 
-def breakdown(n: int, blocks: int = 3) -> dict:
-    """Where ours spends its time at N: its own internal steps, timed on the first `blocks` query
-    blocks of one direction and scaled to all blocks of both directions."""
-    import numpy as np
+class _Timed:
+    """Stands in for a module attribute (numpy, or a function of modalign.eval.retrieval) and adds
+    the wall time of each call to `spent[label]`."""
 
+    def __init__(self, target, spent: dict, label: str, attr: str | None = None):
+        self.target, self.spent, self.label, self.attr = target, spent, label, attr
+
+    def __getattr__(self, name):
+        value = getattr(self.target, name)
+        if name != self.attr:
+            return value
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return value(*a, **k)
+            finally:
+                self.spent[self.label] += time.perf_counter() - t0
+        return timed
+
+    def __call__(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return self.target(*a, **k)
+        finally:
+            self.spent[self.label] += time.perf_counter() - t0
+
+
+def breakdown(n: int, grouped: bool) -> dict:
+    """Where ours spends its time at N, from one whole call with its internal steps timed: the
+    module's `np.matmul` (the tile products: thresholds pass and counting pass), its counting
+    function, its de-duplication and tiling set-up, and its ranks-from-counts; the rest is the
+    pairing, gathers and the Python loop over tiles."""
     from modalign.eval import retrieval as R
 
-    m, t, g = data(n)
-    out = {}
-    t0 = time.perf_counter()
-    unique, inverse = R._unique_rows(t)
-    out["np.unique(gallery, axis=0) (identical rows scored once)"] = 2 * (time.perf_counter() - t0)
-    parts = {"score matmul (block @ gallery.T)": 0.0, "relevance mask (groups ==)": 0.0,
-             "astype(float64) + nudge relevant scores": 0.0, "keys.sort(axis=1) (full sort of every row)": 0.0,
-             "keys != keys.astype(float32), reverse": 0.0, "nonzero, bincount, AP": 0.0}
-    n_blocks = -(-n // BLOCK)
-    for b in range(min(blocks, n_blocks)):
-        s, e = b * BLOCK, min((b + 1) * BLOCK, n)
+    m, t, g = data(n, grouped)
+    spent = {"tile products (np.matmul, both passes)": 0.0, "compare and count (rows and columns)": 0.0,
+             "sides: duplicate check, group order, tile edges": 0.0, "ranks and AP from the counts": 0.0}
+    keys = list(spent)
+    saved = (R.np, R._count_at_least, R._Side, R._ranks_from_counts)
+    R.np = _Timed(R.np, spent, keys[0], "matmul")
+    R._count_at_least = _Timed(saved[1], spent, keys[1])
+    R._Side = _Timed(saved[2], spent, keys[2])
+    R._ranks_from_counts = _Timed(saved[3], spent, keys[3])
+    try:
         t0 = time.perf_counter()
-        scores = R._block_scores(m[s:e], unique, inverse)
-        t1 = time.perf_counter()
-        relevant = g[s:e, None] == g[None, :]
-        t2 = time.perf_counter()
-        keys = scores.astype(np.float64)
-        rows, cols = np.nonzero(relevant)
-        rs = keys[rows, cols]
-        keys[rows, cols] = rs - (np.abs(rs) * 2.0**-30 + 2.0**-160)
-        t3 = time.perf_counter()
-        keys.sort(axis=1)
-        t4 = time.perf_counter()
-        in_order = (keys != keys.astype(np.float32))[:, ::-1]
-        t5 = time.perf_counter()
-        rows, positions = np.nonzero(in_order)
-        n_rel = np.bincount(rows, minlength=e - s)
-        row_start = np.concatenate(([0], np.cumsum(n_rel)[:-1]))
-        hits = np.arange(rows.shape[0]) - row_start[rows] + 1
-        np.bincount(rows, weights=hits / (positions + 1), minlength=e - s)
-        t6 = time.perf_counter()
-        for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-            parts[k] += dt
-    scale = 2 * n_blocks / min(blocks, n_blocks)
-    out.update({k: v * scale for k, v in parts.items()})
-    return {"parts": out}
+        R.bidirectional_retrieval(m, t, g, block_size=BLOCK)
+        total = time.perf_counter() - t0
+    finally:
+        R.np, R._count_at_least, R._Side, R._ranks_from_counts = saved
+    spent["the rest: pairs, thresholds, gathers, loop"] = total - sum(spent.values())
+    return {"parts": spent, "total": total}
 
 
 def worker(impl: str, n: int) -> dict:
-    if impl == "ours":
+    if impl in ("ours", "ours-g5", "sort"):
         __import__("modalign.eval.retrieval")  # imported outside the timed call
-    m, t, g = data(n)
+    m, t, g = data(n, grouped=impl == "ours-g5")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     metrics = run_impl(impl, m, t, g)
@@ -176,8 +210,8 @@ def main() -> None:
     p.add_argument("--worker", help=__import__("argparse").SUPPRESS)
     p.add_argument("--worker-n", type=int, help=__import__("argparse").SUPPRESS)
     args = p.parse_args()
-    if args.worker == "breakdown":
-        print(json.dumps(breakdown(args.worker_n)))
+    if args.worker in ("breakdown", "breakdown-g5"):
+        print(json.dumps(breakdown(args.worker_n, grouped=args.worker == "breakdown-g5")))
         return
     if args.worker:
         print(json.dumps(worker(args.worker, args.worker_n)))
@@ -186,8 +220,8 @@ def main() -> None:
         args.rounds = min(args.rounds, 1)
     big = args.n or (8_000 if args.quick else 50_000)
     small = args.n_small or (4_000 if args.quick else 20_000)
-    plan = [("ours", big), ("matmul", big), ("blocked", big),
-            ("ours", small), ("full", small), ("matmul", small), ("blocked", small)]
+    plan = [("ours", big), ("matmul", big), ("blocked", big), ("ours-g5", big),
+            ("ours", small), ("full", small), ("matmul", small), ("blocked", small), ("sort", small)]
     res = {k: [] for k in plan}
     for r in range(args.rounds):
         for impl, n in (plan if r % 2 == 0 else plan[::-1]):
@@ -195,21 +229,23 @@ def main() -> None:
             res[(impl, n)].append(out)
             print(f"  round {r + 1}/{args.rounds} {impl:8s} N={n:,}: {out['seconds']:.2f} s, "
                   f"peak {out['peak_mib']:,.0f} MiB", file=sys.stderr)
+    parts = {kind: common.run_worker([__file__, "--worker", kind, "--worker-n", str(big)], blas_env(args.blas_threads))
+             for kind in ("breakdown", "breakdown-g5")}
 
-    parts = common.run_worker([__file__, "--worker", "breakdown", "--worker-n", str(big)],
-                              blas_env(args.blas_threads))["parts"]
     common.header("Evaluation at scale: retrieval metrics over N x N pairs", COMMAND,
                   f"{args.blas_threads} BLAS thread(s)")
-    print(f"d = {DIM}, block_size = {BLOCK}, groups = one per pair, {args.rounds} rounds alternating, each "
-          "measurement a fresh subprocess.\n")
+    print(f"d = {DIM}, block_size = {BLOCK}, {args.rounds} rounds alternating, each measurement a fresh "
+          "subprocess. Groups: one per pair, except \"groups of 5\" (5 pairs relevant to each other).\n")
     labels = {"ours": "modalign `bidirectional_retrieval` (both directions, all metrics)",
+              "ours-g5": "modalign `bidirectional_retrieval`, groups of 5",
               "matmul": "matmul-bound: one N x N x d product in blocks, nothing else",
-              "blocked": "blocked rank count (one product, both directions, bounded memory)",
+              "blocked": "bare blocked rank count (one relevant item only)",
+              "sort": "sorting path (`retrieval_ranks` per direction; the fallback for groups > 32)",
               "full": "full matrix: N x N scores in memory, rank by comparison with the diagonal"}
     rows = []
     for n in (big, small):
         mm = common.med([o["seconds"] for o in res[("matmul", n)]])
-        for impl in ("ours", "matmul", "blocked", "full"):
+        for impl in ("ours", "ours-g5", "matmul", "blocked", "sort", "full"):
             if (impl, n) not in res:
                 continue
             outs = res[(impl, n)]
@@ -226,20 +262,25 @@ def main() -> None:
           f"an N x N float32 score matrix would be {big * big * 4 / 2**30:.1f} GiB at N = {big:,}.\n")
     ref = res[("ours", small)][0]["metrics"]
     worst = {}
-    for impl in ("full", "blocked"):
+    for impl in ("full", "sort", "blocked"):
         other = res[(impl, small)][0]["metrics"]
         worst[impl] = max(abs(other[k] - ref[k]) for k in other)
     ours_b, blk_b = res[("ours", big)][0]["metrics"], res[("blocked", big)][0]["metrics"]
     worst_big = max(abs(blk_b[k] - ours_b[k]) for k in blk_b)
-    print(f"Agreement: at N = {small:,} the largest |metric difference| from ours is {worst['full']:.2e} (full) and "
-          f"{worst['blocked']:.2e} (blocked); at N = {big:,}, {worst_big:.2e} (blocked). "
+    g5 = res[("ours-g5", big)][0]["metrics"]
+    print(f"Agreement: at N = {small:,} the largest |metric difference| from ours is {worst['full']:.2e} (full), "
+          f"{worst['sort']:.2e} (sort) and {worst['blocked']:.2e} (blocked); at N = {big:,}, {worst_big:.2e} (blocked). "
           f"Ours at N = {big:,}: m2t R@1 {ours_b['m2t_R@1']:.4f}, t2m R@1 {ours_b['t2m_R@1']:.4f}, "
-          f"m2t mAP {ours_b['m2t_mAP']:.4f}.\n")
-    print(f"Where ours spends its time at N = {big:,} (its internal steps timed on 3 query blocks of "
-          f"{BLOCK:,} rows in a separate worker, scaled to all blocks of both directions):\n")
-    total = sum(parts.values())
-    common.table(["step", "seconds (estimated)", "share"],
-                 [[k, f"{v:.1f}", f"{v / total:.0%}"] for k, v in sorted(parts.items(), key=lambda kv: -kv[1])])
+          f"m2t mAP {ours_b['m2t_mAP']:.4f}; groups of 5: m2t R@1 {g5['m2t_R@1']:.4f}, m2t mAP {g5['m2t_mAP']:.4f}.\n")
+    print(f"Where ours spends its time at N = {big:,}: one whole call per data set in a separate worker, with "
+          "the module's tile products, its counting function, its set-up and its ranks-from-counts timed "
+          "(seconds, share of the call):\n")
+    kinds = {"breakdown": "one group per pair", "breakdown-g5": "groups of 5"}
+    steps = list(parts["breakdown"]["parts"])
+    common.table(["step"] + [kinds[k] for k in kinds],
+                 [[step] + [f"{parts[k]['parts'][step]:.1f} ({parts[k]['parts'][step] / parts[k]['total']:.0%})"
+                            for k in kinds] for step in steps]
+                 + [["whole call"] + [f"{parts[k]['total']:.1f}" for k in kinds]])
 
 
 if __name__ == "__main__":

@@ -235,3 +235,63 @@ def test_bad_block_size_and_mismatched_pairs():
         retrieval_ranks(np.eye(2), np.eye(2), np.arange(2), np.arange(2), block_size=0)
     with pytest.raises(ValueError, match="equal shapes"):
         bidirectional_retrieval(np.eye(3), np.eye(3)[:2], np.arange(3))
+
+
+def paired_problem(seed, n, dim=3, n_groups=None, n_distinct=None):
+    """A paired set with many exact ties: integer embeddings, duplicate rows on both sides (shared
+    across groups too), groups of size 1 upwards."""
+    rng = np.random.default_rng(seed)
+    n_distinct = n_distinct or max(1, n // 2)
+    n_groups = n_groups or max(1, n // 3)
+    pool = rng.integers(-2, 3, size=(n_distinct, dim)).astype(np.float32)
+    modality = pool[rng.integers(0, n_distinct, size=n)]
+    text = pool[rng.integers(0, n_distinct, size=n)]
+    groups = rng.integers(0, n_groups, size=n) * 7 - 3  # arbitrary, unsorted ids
+    return modality, text, groups
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("block_size", [1, 3, 8, 64])
+def test_one_product_count_matches_sorting_reference(seed, block_size):
+    # bidirectional_retrieval scores S = modality @ text.T once, in tiles, and counts; retrieval_ranks
+    # sorts each direction's own product. Both must give the same ranks and APs, ties included.
+    from modalign.eval.retrieval import _counted_bidirectional
+
+    n = 10 + 9 * seed
+    modality, text, groups = paired_problem(seed, n, n_distinct=max(2, n // (1 + seed % 3)))
+    counted = _counted_bidirectional(modality, text, groups, block_size)
+    assert counted is not None  # exact this way: the sort fallback is not what is tested here
+    for direction, query, gallery in (("m2t", modality, text), ("t2m", text, modality)):
+        expected_rank, expected_ap = brute_force_ranks(query, gallery, groups, groups)
+        np.testing.assert_array_equal(counted[f"{direction}_rank"], expected_rank)
+        np.testing.assert_allclose(counted[f"{direction}_ap"], expected_ap, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [2, 16, 2048])
+def test_one_product_count_continuous_data_equals_sorting(block_size):
+    # Continuous embeddings, all distinct, groups of 1-5; exact agreement with the sorting path.
+    rng = np.random.default_rng(7)
+    modality = rng.standard_normal((300, 16)).astype(np.float32)
+    text = modality + rng.standard_normal((300, 16)).astype(np.float32)
+    modality /= np.linalg.norm(modality, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    groups = rng.integers(0, 120, size=300)
+    _, per_example = bidirectional_retrieval(modality, text, groups, block_size=block_size)
+    for direction, query, gallery in (("m2t", modality, text), ("t2m", text, modality)):
+        reference = retrieval_ranks(query, gallery, groups, groups, block_size=block_size)
+        np.testing.assert_array_equal(per_example[f"{direction}_rank"], reference["rank"])
+        np.testing.assert_allclose(per_example[f"{direction}_ap"], reference["ap"], rtol=0, atol=1e-12)
+
+
+def test_large_groups_fall_back_to_sorting():
+    # A group larger than MAX_COUNTED_RELEVANT is ranked by sorting, with the same answers.
+    from modalign.eval import retrieval
+
+    modality, text, _ = paired_problem(3, 80)
+    groups = np.repeat([0, 1], 40)
+    assert 40 > retrieval.MAX_COUNTED_RELEVANT
+    assert retrieval._counted_bidirectional(modality, text, groups, 16) is None
+    _, per_example = bidirectional_retrieval(modality, text, groups, block_size=16)
+    expected_rank, expected_ap = brute_force_ranks(modality, text, groups, groups)
+    np.testing.assert_array_equal(per_example["m2t_rank"], expected_rank)
+    np.testing.assert_allclose(per_example["m2t_ap"], expected_ap, rtol=0, atol=1e-12)

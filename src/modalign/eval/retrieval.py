@@ -2,13 +2,23 @@
 
 Two items are relevant to each other iff their group ids are equal (e.g. identical caption,
 identical structured facts, same label). Scores are dot products of L2-normalised embeddings,
-computed as float32 matmuls, `block_size` query rows at a time so memory stays
-O(block_size x Ng).
+computed as float32 matmuls.
 
 Ties are broken pessimistically, exactly on the computed scores: an irrelevant item whose score
-equals a relevant item's score ranks before it. Identical gallery rows are scored once, so they get
+equals a relevant item's score ranks before it. Identical rows are scored once, so they get
 bit-identical scores (BLAS kernels can otherwise round identical columns differently), and a model
 that maps everything to one embedding gets the worst possible rank rather than a lucky one.
+
+Two ways to the same ranks and APs:
+- `bidirectional_retrieval` (a paired set, both directions) computes the score matrix
+  S = modality @ text.T once, in block_size x block_size tiles, and for every query counts the
+  gallery items scoring >= each of its relevant items' scores: m2t along the rows of S, t2m along
+  the columns. Memory O(block_size² + N x largest group); time about 1.2-1.4x one N x N matmul
+  with one relevant item per query (BENCHMARKS.md). Groups larger than MAX_COUNTED_RELEVANT
+  (e.g. same-label relevance) go the sorting way instead.
+- `retrieval_ranks` (any query and gallery sets) sorts each block of block_size query rows against
+  the whole gallery: memory O(block_size x Ng), time O(Nq Ng log Ng). It is also the reference the
+  tests hold the counting path to.
 
 Used by the training loop, the CLI, the report and the tests; no torch here.
 """
@@ -174,6 +184,243 @@ def retrieval_metrics(
     return metrics
 
 
+# The counting path makes up to one compare-and-count pass over the scores per relevant item; a
+# pass costs about 0.2 of the matmul and sorting about 8x it (BENCHMARKS.md), so beyond ~32
+# relevant items per query sorting is as fast.
+MAX_COUNTED_RELEVANT = 32
+_HASH_MULTIPLIERS = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def _dedup(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Distinct rows of x [N, D] and the index [N] into them (None when all rows are distinct).
+
+    -0.0 and 0.0 count as equal. A 64-bit multiplicative hash of each row's bits rules out duplicates
+    in one cheap pass; only when two hashes collide does np.unique(axis=0) settle it exactly."""
+    x = x + np.float32(0.0)  # -0.0 -> 0.0
+    bits = x.view(np.uint32).astype(np.uint64)  # (N, D)
+    multipliers = np.resize(_HASH_MULTIPLIERS, x.shape[1])
+    with np.errstate(over="ignore"):
+        hashes = (bits * multipliers).sum(axis=1)  # (N,) wraps modulo 2**64
+    if np.unique(hashes).shape[0] == x.shape[0]:
+        return x, None
+    return _unique_rows(x)
+
+
+def _block_edges(key: np.ndarray, items: np.ndarray, block_size: int) -> np.ndarray:
+    """Edges of consecutive blocks of rows, each holding about block_size items (items [P]: how many
+    items use each row) and cut where `key` (the rows' non-decreasing group key) changes, when a
+    change lies within block_size more rows."""
+    n = key.shape[0]
+    changes = np.flatnonzero(key[1:] != key[:-1]) + 1
+    cumulative = np.cumsum(items)
+    edges = [0]
+    while edges[-1] < n:
+        done = cumulative[edges[-1] - 1] if edges[-1] else 0
+        nominal = max(int(np.searchsorted(cumulative, done + block_size)), edges[-1] + 1)
+        if nominal >= n:
+            edges.append(n)
+            break
+        i = np.searchsorted(changes, nominal)
+        cut = int(changes[i]) if i < changes.shape[0] and changes[i] < nominal + block_size else nominal
+        edges.append(cut)
+    return np.asarray(edges)
+
+
+class _Side:
+    """One side of the paired set (modality or text) as distinct vectors in tile order.
+
+    vectors [P, D]: the distinct rows, ordered by the first item (in group order) that uses each;
+    of_item [N]: each item's row in `vectors`; edges: block edges over the rows; per block the item
+    indices whose vector lies in it and their local row (None when the block's rows are the items).
+    """
+
+    def __init__(self, x: np.ndarray, item_rank: np.ndarray, item_key: np.ndarray, block_size: int):
+        distinct, inverse = _dedup(x)
+        n = x.shape[0]
+        inverse = np.arange(n) if inverse is None else inverse
+        by_rank = np.argsort(item_rank)  # items in group order
+        first_vectors, first_at = np.unique(inverse[by_rank], return_index=True)
+        order = first_vectors[np.argsort(first_at)]  # distinct vectors by first use in group order
+        new_position = np.empty(order.shape[0], dtype=np.int64)
+        new_position[order] = np.arange(order.shape[0])
+        self.vectors = np.ascontiguousarray(distinct[order])
+        self.of_item = new_position[inverse]  # (N,)
+        self.distinct = distinct.shape[0] == n
+        key = item_key[by_rank[np.sort(first_at)]]  # group key of each vector's first item
+        self.edges = _block_edges(key, np.bincount(self.of_item, minlength=order.shape[0]), block_size)
+        self.block_of = np.searchsorted(self.edges, np.arange(self.vectors.shape[0]), side="right") - 1
+        items_by_vector = np.argsort(self.of_item, kind="stable")
+        bounds = np.searchsorted(self.of_item[items_by_vector], self.edges)
+        self.items = [items_by_vector[bounds[b]:bounds[b + 1]] for b in range(len(self.edges) - 1)]
+        self.local = [None if self.distinct else self.of_item[it] - self.edges[b] for b, it in enumerate(self.items)]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.edges) - 1
+
+
+def _counted_bidirectional(
+    modality: np.ndarray, text: np.ndarray, groups: np.ndarray, block_size: int
+) -> dict[str, np.ndarray] | None:
+    """m2t and t2m ranks and APs from one score matrix S = modality @ text.T, computed once in tiles.
+
+    For each query and each of its relevant items it counts the gallery items scoring >= that
+    relevant item's score; ranks and APs follow from the counts (see `_ranks_from_counts`). The
+    relevant scores (thresholds) are read from the tiles that hold them in a first pass; the second
+    pass computes every tile again with the same call, checks it reproduces them bit for bit, and
+    counts rows (m2t) and columns (t2m). Returns None when it cannot be exact this way, so the
+    caller falls back to sorting: a group larger than MAX_COUNTED_RELEVANT or a BLAS that does not
+    reproduce a tile.
+    """
+    n = groups.shape[0]
+    _, group_index, group_size = np.unique(groups, return_inverse=True, return_counts=True)
+    group_index = group_index.reshape(-1)
+    n_relevant = group_size[group_index]  # (N,) relevant items per query, either direction
+    r_max = int(n_relevant.max())
+    if r_max > MAX_COUNTED_RELEVANT:
+        return None
+    by_group = np.argsort(group_index, kind="stable")  # items in group order
+    item_rank = np.empty(n, dtype=np.int64)
+    item_rank[by_group] = np.arange(n)
+    rows = _Side(modality, item_rank, group_index, block_size)
+    cols = _Side(text, item_rank, group_index, block_size)
+
+    # Every relevant pair (i, j): same group; k_i = position of j in i's group, k_j = that of i.
+    start = np.concatenate(([0], np.cumsum(group_size)[:-1]))[group_index[by_group]]  # (N,) group start, group order
+    size = n_relevant[by_group]
+    pair_i = np.repeat(by_group, size)  # (R,)
+    k = np.arange(pair_i.shape[0]) - np.repeat(np.cumsum(size) - size, size)  # (R,) 0..size-1
+    pair_j = by_group[np.repeat(start, size) + k]
+    k_i = k  # j is the k-th member of i's group
+    k_j = item_rank[pair_i] - start[item_rank[pair_i]]  # i's position in its group
+
+    p, q = rows.of_item[pair_i], cols.of_item[pair_j]
+    tile_of_pair = rows.block_of[p] * cols.n_blocks + cols.block_of[q]
+    pair_order = np.argsort(tile_of_pair, kind="stable")
+    tiles, tile_start = np.unique(tile_of_pair[pair_order], return_index=True)
+    tile_stop = np.append(tile_start[1:], pair_order.shape[0])
+    relevant_pairs = {int(t): pair_order[a:b] for t, a, b in zip(tiles, tile_start, tile_stop)}
+
+    buffer = np.empty(block_size * block_size * 4, dtype=np.float32)  # blocks may run to ~2x block_size
+
+    def tile(b: int, c: int) -> np.ndarray:
+        r0, r1, c0, c1 = rows.edges[b], rows.edges[b + 1], cols.edges[c], cols.edges[c + 1]
+        out = buffer[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+        return np.matmul(rows.vectors[r0:r1], cols.vectors[c0:c1].T, out=out)
+
+    # Each query's relevant scores, ascending, padded with +inf: (N, R_max) rows, (R_max, N) columns.
+    row_threshold = np.full((n, r_max), np.inf, dtype=np.float32)
+    col_threshold = np.full((r_max, n), np.inf, dtype=np.float32)
+    row_count = np.zeros((n, r_max), dtype=np.int64)
+    col_count = np.zeros((r_max, n), dtype=np.int64)
+    mask = np.empty(block_size * block_size, dtype=np.bool_)
+
+    def count(b: int, c: int, scores: np.ndarray) -> None:
+        """Add tile (b, c)'s counts, item by item, in chunks of block_size a side (many items can
+        share one distinct vector)."""
+        for r0 in range(0, rows.items[b].shape[0], block_size):
+            row_items = rows.items[b][r0:r0 + block_size]
+            by_row = scores[r0:r0 + block_size] if rows.local[b] is None else scores[rows.local[b][r0:r0 + block_size]]
+            r_rows = int(n_relevant[row_items].max())
+            row_thresholds = row_threshold[row_items, :r_rows]  # (n_r, r_rows)
+            for c0 in range(0, cols.items[c].shape[0], block_size):
+                col_items = cols.items[c][c0:c0 + block_size]
+                x = by_row[:, c0:c0 + block_size] if cols.local[c] is None else by_row[:, cols.local[c][c0:c0 + block_size]]
+                m = mask[: x.size].reshape(x.shape)
+                row_count[row_items, :r_rows] += _count_at_least(x, row_thresholds, 1, m)
+                r_cols = int(n_relevant[col_items].max())
+                col_count[:r_cols, col_items] += _count_at_least(x, col_threshold[:r_cols, col_items].T, 0, m).T
+
+    # First pass: the tiles holding relevant pairs, for their scores. A tile that holds all the
+    # relevant pairs of its rows and of its columns (the usual diagonal tile) is counted at once.
+    row_block_tiles = np.bincount(tiles // cols.n_blocks, minlength=rows.n_blocks)  # relevant tiles per block
+    col_block_tiles = np.bincount(tiles % cols.n_blocks, minlength=cols.n_blocks)
+    pair_score = np.empty(pair_i.shape[0], dtype=np.float32)
+    done = set()
+    for t, idx in relevant_pairs.items():
+        b, c = divmod(t, cols.n_blocks)
+        scores = tile(b, c)
+        pair_score[idx] = scores[p[idx] - rows.edges[b], q[idx] - cols.edges[c]]
+        if not np.isfinite(pair_score[idx]).all():
+            raise ValueError("a relevant score overflowed float32; are the embeddings L2-normalised?")
+        row_threshold[pair_i[idx], k_i[idx]] = pair_score[idx]
+        col_threshold[k_j[idx], pair_j[idx]] = pair_score[idx]
+        if row_block_tiles[b] == 1 and col_block_tiles[c] == 1:
+            row_threshold[rows.items[b]] = np.sort(row_threshold[rows.items[b]], axis=1)
+            col_threshold[:, cols.items[c]] = np.sort(col_threshold[:, cols.items[c]], axis=0)
+            count(b, c, scores)
+            done.add(t)
+    row_threshold.sort(axis=1)
+    col_threshold.sort(axis=0)
+
+    # Second pass: every other tile, computed again by the same call; a tile with relevant pairs must
+    # reproduce their scores bit for bit (else None: the caller sorts instead).
+    for b in range(rows.n_blocks):
+        for c in range(cols.n_blocks):
+            t = b * cols.n_blocks + c
+            if t in done:
+                continue
+            scores = tile(b, c)
+            idx = relevant_pairs.get(t)
+            if idx is not None and not np.array_equal(
+                scores[p[idx] - rows.edges[b], q[idx] - cols.edges[c]], pair_score[idx]
+            ):
+                return None
+            count(b, c, scores)
+    m2t = _ranks_from_counts(row_threshold, row_count)
+    t2m = _ranks_from_counts(col_threshold.T, col_count.T)
+    return {"m2t_rank": m2t[0], "m2t_ap": m2t[1], "t2m_rank": t2m[0], "t2m_ap": t2m[1]}
+
+
+def _count_at_least(x: np.ndarray, thresholds: np.ndarray, axis: int, mask: np.ndarray) -> np.ndarray:
+    """How many scores of each row (axis=1) or column (axis=0) of x are >= each of its thresholds.
+
+    x [A, B] float32; thresholds [A or B, R], each line ascending and +inf padded (a +inf threshold
+    counts 0); mask: a scratch bool array shaped like x. -> [A or B, R] int64. One compare-and-count
+    pass per threshold, except that when few scores reach a line's lowest threshold (a model that
+    ranks well), the other thresholds are counted among those few alone."""
+    def count(line_thresholds: np.ndarray) -> np.ndarray:
+        np.greater_equal(x, line_thresholds[:, None] if axis == 1 else line_thresholds[None, :], out=mask)
+        return np.add.reduce(mask.view(np.uint8), axis=axis, dtype=np.int32)
+
+    n_lines, r = thresholds.shape
+    out = np.empty((n_lines, r), dtype=np.int64)
+    out[:, 0] = count(thresholds[:, 0])  # the lowest
+    if r == 1:
+        return out
+    if int(out[:, 0].sum()) > x.size // 16:  # dense: one pass per threshold
+        for k in range(1, r):
+            out[:, k] = count(thresholds[:, k])
+        return out
+    flat = np.flatnonzero(mask)  # the scores >= their line's lowest threshold (flat: 2-D nonzero is slow)
+    values = x.reshape(-1)[flat] if x.flags.c_contiguous else x[np.divmod(flat, x.shape[1])]
+    line = flat // x.shape[1] if axis == 1 else flat % x.shape[1]
+    for k in range(1, r):
+        out[:, k] = np.bincount(line[values >= thresholds[line, k]], minlength=n_lines)
+    return out
+
+
+def _ranks_from_counts(threshold: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of the first relevant item and AP from counts.
+
+    threshold [N, R]: each query's relevant scores, +inf padded; count [N, R]: gallery items scoring
+    >= each. With the relevant scores sorted descending s_1 >= ... >= s_R, the k-th relevant item
+    sits at position k + (irrelevant items scoring >= s_k), ties going to the irrelevant items;
+    irrelevant >= s_k = count_k - (relevant >= s_k)."""
+    valid = np.isfinite(threshold)
+    score = np.where(valid, threshold, -np.inf)
+    order = np.argsort(-score, axis=1, kind="stable")
+    score = np.take_along_axis(score, order, axis=1)  # (N, R) descending, padding last
+    count = np.take_along_axis(count, order, axis=1)
+    valid = np.take_along_axis(valid, order, axis=1)
+    relevant_at_least = (score[:, None, :] >= score[:, :, None]).sum(axis=2)  # (N, R); padding is -inf
+    k = np.arange(1, threshold.shape[1] + 1)
+    position = np.where(valid, k[None, :] + count - relevant_at_least, 1)  # (N, R), 1 where padded
+    rank = position[:, 0].astype(np.int64)
+    ap = np.where(valid, k[None, :] / position, 0.0).sum(axis=1) / valid.sum(axis=1)
+    return rank, ap
+
+
 def bidirectional_retrieval(
     modality: np.ndarray,
     text: np.ndarray,
@@ -183,11 +430,14 @@ def bidirectional_retrieval(
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Sensor->text ("m2t_") and text->sensor ("t2m_") retrieval over one paired set.
 
+    Both directions come from one score matrix, computed in tiles and counted (see the module
+    docstring); the same ranks and APs as `retrieval_ranks` per direction.
+
     Args:
         modality: [N, D] L2-normalised sensor embeddings.
         text: [N, D] L2-normalised text embeddings, paired row by row with modality.
         groups: [N] int group ids; items with the same id are relevant to each other.
-        block_size: query rows scored at a time.
+        block_size: the side of a score tile (the sorting fallback: query rows at a time).
         ks: recall cut-offs.
 
     Returns:
@@ -202,15 +452,26 @@ def bidirectional_retrieval(
             f"modality and text must both be [N, D] with equal shapes, got {modality.shape} and {text.shape}"
         )
     groups = _as_groups(groups, modality.shape[0], "groups")
+    block_size = _check_block_size(block_size)
+    ranks = None
+    if modality.shape[0]:
+        ranks = _counted_bidirectional(
+            _as_embeddings(modality, "modality"), _as_embeddings(text, "text"), groups, block_size
+        )
+    if ranks is None:
+        ranks = {}
+        for direction, query, gallery in (("m2t", modality, text), ("t2m", text, modality)):
+            result = retrieval_ranks(query, gallery, groups, groups, block_size=block_size)
+            ranks[f"{direction}_rank"], ranks[f"{direction}_ap"] = result["rank"], result["ap"]
     metrics: dict[str, float] = {}
     per_example: dict[str, np.ndarray] = {}
-    for direction, query, gallery in (("m2t", modality, text), ("t2m", text, modality)):
-        result = retrieval_ranks(query, gallery, groups, groups, block_size=block_size)
-        metrics.update(retrieval_metrics(result["rank"], result["ap"], prefix=f"{direction}_", ks=ks))
-        per_example[f"{direction}_rank"] = result["rank"]
-        per_example[f"{direction}_ap"] = result["ap"]
+    for direction in ("m2t", "t2m"):
+        rank, ap = ranks[f"{direction}_rank"], ranks[f"{direction}_ap"]
+        metrics.update(retrieval_metrics(rank, ap, prefix=f"{direction}_", ks=ks))
+        per_example[f"{direction}_rank"] = rank
+        per_example[f"{direction}_ap"] = ap
         for k in ks:
-            per_example[f"{direction}_r{k}"] = (result["rank"] <= k).astype(np.float64)
+            per_example[f"{direction}_r{k}"] = (rank <= k).astype(np.float64)
     return metrics, per_example
 
 

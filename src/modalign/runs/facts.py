@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from modalign.data.paired import PairedData
 from modalign.runs.rundir import RunDir, atomic_write_json
+
+if TYPE_CHECKING:
+    from modalign.data.paired import PairedData
 
 
 def summarize_metrics(rows: list[dict], modes: dict[str, str] | None = None) -> dict[str, dict]:
@@ -61,6 +63,8 @@ def per_example_column(metric: str) -> str | None:
 
 
 def write_scores(path, data: PairedData, per_example: dict[str, np.ndarray]) -> None:
+    import pandas as pd  # not at import time: `modalign runs` needs only this module's helpers
+
     cols = {"id": data.ids.astype(str)}
     if data.labels is not None:
         cols["label"] = data.labels
