@@ -14,9 +14,11 @@ for the bf16-autocast step), measured in the same worker right before and after 
 
 Workers: one fresh subprocess per (precision, allocator) measurement, alternating round by round:
   fp32 / bf16             the trainer's precision (bf16 = autocast, as `trainer.precision=auto` picks here)
-  glibc default / tuned   tuned = MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 in the worker's
-                          environment: glibc then reuses freed heap for the large activations instead of
-                          mmap/munmap-ing each one (page faults are reported per step).
+  glibc default / tuned   tuned = what the recipes do with `env.malloc=tuned` (the default):
+                          `modalign.train.allocator.tune_malloc("tuned")`, glibc's mallopt with no mmap
+                          and no trimming, so freed heap is reused for the large activations instead of
+                          mmap/munmap-ing each one (page faults are reported per step). default = the
+                          worker leaves glibc alone (`env.malloc=default`).
 All workers use --threads torch threads (default 2 = all cores).
 """
 
@@ -32,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/bench_flops.py --rounds 2"
-TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 CONFIGS = [("fp32", "default"), ("fp32", "tuned"), ("bf16", "default"), ("bf16", "tuned")]
 
 
@@ -121,6 +122,9 @@ def worker(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from modalign.train.allocator import tune_malloc
+
+    malloc = tune_malloc(args.malloc)
     torch.set_num_threads(args.threads)
     trainer, params = build(args.precision, args.batch, args.tokens, args.width, args.depth)
     peaks = [gemm_peak(args.precision, args.gemm_n, args.gemm_reps)]
@@ -139,7 +143,7 @@ def worker(args) -> dict:
     peaks.append(gemm_peak(args.precision, args.gemm_n, args.gemm_reps))
     return {"flops": flops, "by_op": by_op, "times": times, "faults": faults, "peaks": peaks,
             "threads": torch.get_num_threads(), "params": params, "trainer_precision": trainer.precision,
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "malloc": malloc}
 
 
 def main() -> None:
@@ -148,6 +152,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per worker (default 2; --quick 2)")
     p.add_argument("--worker", action="store_true", help=argparse_suppress())
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--malloc", default="default", choices=("default", "tuned"))
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -176,8 +181,9 @@ def main() -> None:
             out = common.run_worker([__file__, "--worker", "--precision", prec, "--threads", str(args.threads),
                                      "--batch", str(args.batch), "--tokens", str(args.tokens), "--width",
                                      str(args.width), "--depth", str(args.depth), "--steps", str(args.steps),
-                                     "--gemm-n", str(args.gemm_n), "--gemm-reps", str(args.gemm_reps)],
-                                    env_extra=TUNED_MALLOC if alloc == "tuned" else None)
+                                     "--gemm-n", str(args.gemm_n), "--gemm-reps", str(args.gemm_reps),
+                                     "--malloc", alloc])
+            assert out["malloc"] == alloc, out["malloc"]
             res[(prec, alloc)].append(out)
             print(f"  round {r + 1}/{args.rounds} {prec} {alloc:7s}: step {common.med(out['times']):.2f} s, "
                   f"peak {max(out['peaks']):.0f} GFLOP/s", file=sys.stderr)
@@ -200,7 +206,7 @@ def main() -> None:
         peaks = [pk for o in outs for pk in o["peaks"]]
         best, medt = min(times), common.med(times)
         rows.append([prec + (" (autocast)" if prec == "bf16" else ""),
-                     "glibc default" if alloc == "default" else "tuned (no mmap, no trim)",
+                     "glibc default" if alloc == "default" else "tuned: env.malloc=tuned (mallopt: no mmap, no trim)",
                      f"{best:.2f}", f"{medt:.2f}", f"{gflop / best:.0f}", f"{gflop / medt:.0f}",
                      f"{common.med(peaks):.0f} / {peak[prec]:.0f}",
                      f"{gflop / best / peak[prec]:.2f}", f"{gflop / medt / peak[prec]:.2f}",

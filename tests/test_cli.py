@@ -53,6 +53,7 @@ def test_run_directory_follows_the_contract(tiny_run):
     assert info["params"]["total"] == sum(info["params"]["by_component"].values()) > 0
     assert info["code"]["package_version"]
     assert info["env"]["torch"].startswith("2.")
+    assert info["env"]["malloc"] == "tuned"  # env.malloc default: glibc keeps freed memory (this is Linux glibc)
     assert "trainer.max_steps" in info["config_diff"]
 
     rows = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -162,6 +163,8 @@ BAD = [
     ("even-kernel", ["encoder=cnn", "encoder.kernel_size=4"], "encoder.kernel_size"),
     ("zero-temperature", ["loss.init_temperature=0"], "loss.init_temperature"),
     ("protocol-without-facts", ["eval.protocol=nonsense"], "eval.protocol"),
+    ("gpu-device", ["env.device=cuda"], "env.device"),  # not silently trained on the CPU
+    ("bad-malloc", ["env.malloc=jemalloc"], "env.malloc"),
 ]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from modalign.data.paired import PairedData
 from modalign.errors import UserError
 from modalign.recipes.config import to_container
-from modalign.recipes.settings import TextSettings, read_settings
+from modalign.recipes.settings import TextSettings, read_env, read_settings
 from modalign.runs.rundir import RunDir
 
 log = logging.getLogger("modalign")
@@ -138,8 +138,11 @@ class AlignRecipe:
         from modalign.losses.objective import AlignObjective
         from modalign.models.align import AlignModel
 
+        from modalign.train.allocator import tune_malloc
+
         self.settings = read_settings(self.cfg)
         st = self.settings
+        self.malloc = tune_malloc(read_env(self.cfg).malloc)
         self.trainer_cfg, self.optim_cfg, self.eval_cfg, self.loss_cfg = st.trainer, st.optim, st.eval, st.loss
         if st.trainer.threads:
             torch.set_num_threads(st.trainer.threads)
@@ -275,7 +278,7 @@ class AlignRecipe:
             variant=get_variant("head", self.model_cfg.head.kind).metadata(),
             code=code_info(),
             env={**env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
-                 "world_size": self.world.size, "backend": self.world.backend or None},
+                 "malloc": self.malloc, "world_size": self.world.size, "backend": self.world.backend or None},
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             text={"model": self.text.model_id, "cache": self.text.stats},

@@ -20,7 +20,7 @@ import numpy as np
 from modalign.errors import UserError
 from modalign.recipes.align import load_data
 from modalign.recipes.config import check_range, to_container, typed
-from modalign.recipes.settings import read_encoder, read_training
+from modalign.recipes.settings import read_encoder, read_env, read_training
 from modalign.runs.rundir import RunDir
 
 log = logging.getLogger("modalign")
@@ -45,9 +45,11 @@ class AutoencodeRecipe:
         from modalign.losses.reconstruction import autoencode_loss
         from modalign.models.autoencoder import AutoencoderConfig, BottleneckConfig, ModalityAutoencoder
         from modalign.models.quantizer import VQConfig
+        from modalign.train.allocator import tune_malloc
 
         cfg = self.cfg
         self.seed, self.trainer_cfg, self.optim_cfg = read_training(cfg, COMPONENTS)
+        env = read_env(cfg)
         self.eval_cfg = typed(AutoencodeEval, to_container(cfg.eval, "eval"), "eval")
         check_range("eval.split", self.eval_cfg.split, choices=("train", "val", "test"))
         check_range("eval.batch_size", self.eval_cfg.batch_size, min_value=1)
@@ -71,6 +73,7 @@ class AutoencodeRecipe:
         check_range("decoder.depth", decoder_depth, min_value=1)
         check_range("globals_head.hidden", head_hidden, min_value=1)
         t = self.trainer_cfg
+        self.malloc = tune_malloc(env.malloc)
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(self.seed)
@@ -150,7 +153,8 @@ class AutoencodeRecipe:
             seed=self.seed,
             variant={"name": f"bottleneck={b.kind}", "created_by": "modalign", "model": None, "date": None,
                      "experiment_id": None, "version": code_info()["package_version"]},
-            code=code_info(), env=env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
+            code=code_info(),
+            env={**env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()), "malloc": self.malloc},
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             parents=[], globals_beta=self.globals_beta,

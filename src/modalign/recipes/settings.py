@@ -38,6 +38,22 @@ class TextSettings:
 
 
 @dataclass
+class EnvSettings:
+    device: str = "cpu"
+    malloc: str = "tuned"  # tuned | default: glibc keeps freed memory for reuse (modalign.train.allocator)
+
+
+def read_env(cfg) -> EnvSettings:
+    """The `env` group: where and how the process runs."""
+    env = typed(EnvSettings, to_container(cfg.env, "env") if "env" in cfg else {}, "env")
+    if env.device != "cpu":
+        raise UserError(f"config: 'env.device' is {env.device!r}; modalign trains on the CPU in this release "
+                        "(GPU placement is not implemented yet, see docs/scale-out.md)")
+    check_range("env.malloc", env.malloc, choices=("tuned", "default"))
+    return env
+
+
+@dataclass
 class AlignSettings:
     seed: int
     trainer: TrainerConfig
