@@ -146,3 +146,28 @@ def test_bad_arguments_raise_one_line_user_error(kwargs, words):
     with pytest.raises(UserError, match=words) as err:
         make_demo_data(**{**dict(n_train=5, n_val=1, n_test=1), **kwargs})
     assert "\n" not in str(err.value)
+
+
+def test_sweep_jobs_in_one_process_reuse_generated_data_only_for_equal_arguments(tmp_path):
+    # Hydra's basic launcher runs a sweep's jobs in one process: the demo data, a pure function of
+    # its arguments, is generated once per distinct argument set; files are always read again.
+    from omegaconf import OmegaConf
+
+    from modalign.data.npz import write_npz
+    from modalign.recipes.align import load_data
+
+    def cfg(**data):
+        return OmegaConf.create({"data": {"_target_": "modalign.data.demo.make_demo_data", "name": "demo",
+                                          **SIZES, **data}})
+
+    first = load_data(cfg(seed=3))
+    assert load_data(cfg(seed=3)) is first
+    assert not first.tokens_id.flags.writeable  # shared: an in-place change would fail loudly
+    other = load_data(cfg(seed=4))
+    assert other is not first and other.fingerprint() != first.fingerprint()
+    assert load_data(cfg(seed=3)).fingerprint() == first.fingerprint()  # regenerated, equal
+
+    path = tmp_path / "d.npz"
+    write_npz(first, str(path))
+    npz = OmegaConf.create({"data": {"_target_": "modalign.data.npz.read_npz", "name": "npz", "path": str(path)}})
+    assert load_data(npz) is not load_data(npz)
