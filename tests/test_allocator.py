@@ -15,12 +15,12 @@ import sys
 
 import pytest
 
-from modalign.train.allocator import tune_malloc
+from modalign.train.allocator import mode_from_overrides, tune_malloc
 
 PROBE = """
 import ctypes, json, sys
 import numpy as np
-from modalign.train.allocator import tune_malloc
+from modalign.train.allocator import mode_from_overrides, tune_malloc
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -55,3 +55,11 @@ def test_tuned_malloc_serves_large_blocks_from_the_heap_and_keeps_them():
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="tuned"):
         tune_malloc("jemalloc")
+
+
+def test_the_command_reads_env_malloc_from_its_overrides():
+    # The training commands tune before torch starts threads, so they read the overrides themselves.
+    assert mode_from_overrides([]) == "tuned"  # the config default
+    assert mode_from_overrides(["seed=1", "env.malloc=default"]) == "default"
+    assert mode_from_overrides(["env.malloc=default", "++env.malloc=tuned"]) == "tuned"  # the last one wins
+    assert mode_from_overrides(["env.device=cpu", "head=mlp"]) == "tuned"

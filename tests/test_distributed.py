@@ -72,6 +72,7 @@ def test_torchrun_trains_like_one_process_and_only_rank_0_writes(tmp_path, cache
     assert len(runs) == 1  # one run dir, written by rank 0
     info = json.loads((runs[0] / "run.json").read_text())
     assert info["status"] == "completed" and info["env"]["world_size"] == 2 and info["env"]["backend"] == "gloo"
+    assert info["env"]["malloc"] == "tuned"  # by the command, before the process group's threads
     a, b = _curve(runs[0]), _curve(single_run)
     assert set(a) == set(b)
     worst = max(abs(a[k] - b[k]) for k in a)

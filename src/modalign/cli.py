@@ -167,7 +167,15 @@ def _print_result(run, summary: dict, console) -> None:
             console.print(f"  {split} {k:<20} {res[k]:.3f}{tail}")
 
 
+def _tune_malloc_early(overrides: list[str]) -> None:
+    """env.malloc before torch starts any thread (modalign.train.allocator)."""
+    from modalign.train.allocator import mode_from_overrides, tune_malloc
+
+    tune_malloc(mode_from_overrides(overrides))
+
+
 def cmd_train(args) -> int:
+    _tune_malloc_early(args.overrides)
     from modalign.train.distributed import from_env
 
     if from_env().distributed:  # under torchrun
@@ -212,6 +220,7 @@ def _train_distributed(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job: the `demo` experiment (a small sweep on the embedded data), its table and report."""
+    _tune_malloc_early(args.overrides)
     from modalign.recipes.sweep import run_sweep
 
     console = _console()
@@ -226,6 +235,7 @@ def cmd_demo(args) -> int:
 
 # sweep ------------------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
+    _tune_malloc_early(args.overrides)
     from modalign.recipes.sweep import run_sweep
 
     code, sweep_dir = run_sweep(args.overrides, quiet=args.quiet)

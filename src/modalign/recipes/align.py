@@ -157,11 +157,12 @@ class AlignRecipe:
         from modalign.losses.objective import AlignObjective
         from modalign.models.align import AlignModel
 
-        from modalign.train.allocator import tune_malloc
+        from modalign.train.allocator import state, tune_malloc
 
         self.settings = read_settings(self.cfg)
         st = self.settings
-        self.malloc = tune_malloc(read_env(self.cfg).malloc)
+        env = read_env(self.cfg)  # under torchrun the command tuned it before gloo's threads started
+        self.malloc = state() if self.world.distributed else tune_malloc(env.malloc)
         self.trainer_cfg, self.optim_cfg, self.eval_cfg, self.loss_cfg = st.trainer, st.optim, st.eval, st.loss
         if st.trainer.threads:
             torch.set_num_threads(st.trainer.threads)

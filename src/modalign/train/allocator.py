@@ -9,7 +9,14 @@ MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> would set in the environment, 
 `mallopt`: large blocks come from the heap and stay there to be reused. The price is a higher
 resident set (the heap keeps its high-water mark until the process exits).
 
-No torch here; called by the recipes at setup from `env.malloc`.
+When: as early as possible, while the process has no busy threads. The training commands call
+`tune_malloc(mode_from_overrides(...))` first thing, before torch or a process group starts.
+Called at recipe setup instead, it crashed gloo's I/O thread inside malloc in 2 of about 20
+two-rank torchrun launches here (set at start-up through the environment variables: 0 of 18).
+The recipes call it again at setup from the composed `env.malloc`, for single-process runs started
+some other way (a no-op once tuned), and never under torchrun.
+
+No torch here.
 """
 
 from __future__ import annotations
@@ -42,3 +49,20 @@ def tune_malloc(mode: str) -> str:
         return "default (mallopt refused)"
     _state = "tuned"
     return _state
+
+
+def state() -> str:
+    """The allocator setting in effect for this process: "tuned" or "default"."""
+    return _state
+
+
+def mode_from_overrides(overrides: list[str]) -> str:
+    """The env.malloc a command's Hydra overrides ask for (the last one wins), else "tuned" (the
+    config default); anything but "default" counts as "tuned" here, and the config check names a
+    bad value later."""
+    mode = "tuned"
+    for o in overrides:
+        key, sep, value = o.lstrip("+~").partition("=")
+        if sep and key == "env.malloc":
+            mode = "default" if value.strip() == "default" else "tuned"
+    return mode
