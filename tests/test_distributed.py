@@ -82,6 +82,8 @@ def test_torchrun_trains_like_one_process_and_only_rank_0_writes(tmp_path, cache
 
 
 def test_a_killed_torchrun_run_resumes_across_ranks(tmp_path, cache_dir, single_run):
+    shadows = Path(os.environ.get("TMPDIR", "/tmp"))
+    before = {p.name for p in shadows.glob("modalign-rank*")}
     p = _torchrun(["-m", "modalign.recipes.align", "--quiet", *FP32], tmp_path, cache_dir,
                   env_extra={"MODALIGN_FAULTS": "kill:step@8"})
     assert p.returncode != 0
@@ -92,6 +94,8 @@ def test_a_killed_torchrun_run_resumes_across_ranks(tmp_path, cache_dir, single_
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
     a, b = _curve(run), _curve(single_run)
     assert set(a) == set(b) and max(abs(a[k] - b[k]) for k in a) < 1e-4
+    # the killed rank 1 could not remove its shadow directory; the next run's rank 1 did
+    assert {p.name for p in shadows.glob("modalign-rank*")} <= before
 
 
 def test_batch_size_must_divide_by_the_ranks(tmp_path, cache_dir):

@@ -6,7 +6,12 @@ after every fact is on disk, `failed` with the error line, `interrupted` on Ctrl
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import socket
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -272,13 +277,30 @@ def _on_sigterm(handler):
 
 
 
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+
+
+def _remove_dead_shadows() -> None:
+    """Remove the shadow directories that ranks of this host left behind when they were killed (a
+    rank that torchrun SIGKILLs after a peer died never reaches its `finally`). Only directories
+    whose process is gone: a live or foreign process (PermissionError) keeps its own."""
+    pattern = re.compile(rf"modalign-rank\d+-{re.escape(_HOST)}-pid(\d+)-")
+    for d in Path(tempfile.gettempdir()).glob(f"modalign-rank*-{_HOST}-pid*-*"):
+        m = pattern.match(d.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def run_distributed(overrides: list[str], recipe: str, quiet: bool, world):
     """Every torchrun rank calls this. Rank 0 creates (or resumes) the run directory and shares its
     path; the other ranks train in step with it, reading the run's config and checkpoints and writing
     only to a shadow directory that is removed at the end. -> (exit code, rank 0's run, summary)."""
-    import shutil
-    import tempfile
-
     from modalign.runs.rundir import RunDir
     from modalign.train.distributed import broadcast_object
 
@@ -296,7 +318,8 @@ def run_distributed(overrides: list[str], recipe: str, quiet: bool, world):
     got = broadcast_object(None, world)
     if isinstance(got, UserError):
         raise got
-    shadow = Path(tempfile.mkdtemp(prefix=f"modalign-rank{world.rank}-"))
+    _remove_dead_shadows()
+    shadow = Path(tempfile.mkdtemp(prefix=f"modalign-rank{world.rank}-{_HOST}-pid{os.getpid()}-"))
     try:
         for name in ("cfg.yaml", "run.json", "overrides.yaml"):
             shutil.copyfile(Path(got) / name, shadow / name)
