@@ -204,8 +204,6 @@ def attach_log(run_path: Path) -> logging.Handler:
 
 def execute(cfg, run, quiet: bool, keep_failed: bool = False, world=None):
     """Run the recipe in `run`; keep run.json's status honest. -> (exit code, summary or None)."""
-    import shutil
-
     from modalign.runs.card import write_card
     from modalign.runs.rundir import read_json
 
