@@ -93,7 +93,7 @@ def build(precision: str, batch: int, tokens: int, width: int, depth: int):
          "text": torch.nn.functional.normalize(torch.randn(batch, 384, generator=g), dim=-1),
          "groups": torch.arange(batch)}
     tcfg = TrainerConfig(max_steps=10_000, batch_size=batch, precision=precision)
-    trainer = Trainer(model, objective, opt, sched, FixedSampler(b), lambda: {}, tcfg, None, [])
+    trainer = Trainer(model, objective, opt, sched, FixedSampler(b), lambda: {}, tcfg, [])
     return trainer, sum(p.numel() for p in model.parameters())
 
 

@@ -14,6 +14,11 @@ Implementations (each measured in a fresh subprocess, so peak RSS is per measure
                  shared-resample multi-candidate mode, so k calls
   ours-k1        paired_bootstrap once per candidate (k calls), one BLAS thread: separates the
                  effect of shared resamples from the per-resample cost (compare with ours-1t)
+  product        the product path: `modalign.analysis.compare.paired_comparison(baseline, candidates)`
+                 as `modalign compare` and `modalign report --baseline` call it, on k+1 run
+                 directories (one seed each) whose facts/scores.parquet hold the per-example scores:
+                 reads the scores, bootstraps the candidates that share matched seeds in one call,
+                 Holm-corrects. Writing the run directories is not timed; reading them is
   scipy-default  as scipy but batch=None (all B x n resampled values at once; skipped if it would
                  not fit in available memory)
 
@@ -46,7 +51,7 @@ import time
 
 import numpy as np
 
-IMPLS = ("ours", "scipy", "ours-1t", "ours-k1", "scipy-default")
+IMPLS = ("ours", "product", "scipy", "ours-1t", "ours-k1", "scipy-default")
 # Workers of these implementations run with one BLAS thread (the count matmul is the only BLAS call).
 ONE_BLAS_THREAD = ("ours-1t", "ours-k1")
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -82,16 +87,48 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def product_groups(base: np.ndarray, cand: np.ndarray, root: str):
+    """k+1 run directories under root, each with facts/scores.parquet (id, m2t_r1) -> (baseline
+    group, candidate groups), as modalign.analysis.groups builds them from run directories."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from modalign.analysis.groups import Group
+    from modalign.runs.index import RunRecord
+
+    ids = np.array([f"s{i:06d}" for i in range(base.size)])
+    groups = []
+    for j, scores in enumerate([base, *cand]):
+        path = Path(root) / f"run{j}"
+        (path / "facts").mkdir(parents=True)
+        pd.DataFrame({"id": ids, "m2t_r1": scores}).to_parquet(path / "facts" / "scores.parquet", index=False)
+        record = RunRecord(path, {"status": "completed", "seed": 0}, {"test": {"m2t_R@1": float(scores.mean())}})
+        groups.append(Group(f"config{j}", {}, [record], {}))
+    return groups[0], groups[1:]
+
+
 def worker(impl: str, variant: str, k: int, n: int, b: int, batch: int | None) -> dict:
+    import tempfile
+
     base, cand = make_data(variant, k, n)
-    if impl.startswith("ours"):
+    tmp = tempfile.TemporaryDirectory()
+    if impl == "product":
+        from modalign.analysis.compare import paired_comparison
+
+        baseline, candidates = product_groups(base, cand, tmp.name)
+    elif impl.startswith("ours"):
         from modalign.analysis.stats import paired_bootstrap
     else:
         import scipy.stats
     assert "torch" not in sys.modules
     pre = _rss_mib()
     t0 = time.perf_counter()
-    if impl in ("ours", "ours-1t"):
+    if impl == "product":
+        rows = paired_comparison(baseline, candidates, "test/m2t_R@1", n_resamples=b, random_state=OURS_SEED)
+        low = np.array([r["low"] for r in rows])
+        high = np.array([r["high"] for r in rows])
+    elif impl in ("ours", "ours-1t"):
         res = paired_bootstrap(base, cand, n_resamples=b, confidence=CONFIDENCE, random_state=OURS_SEED)
         low, high = res["low"], res["high"]
     elif impl == "ours-k1":
@@ -112,6 +149,7 @@ def worker(impl: str, variant: str, k: int, n: int, b: int, batch: int | None) -
         low, high = np.array(cis).T
     seconds = time.perf_counter() - t0
     peak = _rss_mib()
+    tmp.cleanup()
     return {"impl": impl, "variant": variant, "seconds": seconds, "peak_rss_mib": peak,
             "added_rss_mib": peak - pre, "low": [float(x) for x in low], "high": [float(x) for x in high]}
 
@@ -206,9 +244,10 @@ def main() -> None:
             rs = results[(variant, impl)]
             secs = [x["seconds"] for x in rs]
             med = statistics.median(secs)
-            calls = 1 if impl in ("ours", "ours-1t") else k
+            calls = 1 if impl in ("ours", "ours-1t", "product") else k
             label = {"ours": "modalign paired_bootstrap (shared resamples)",
                      "ours-1t": "modalign paired_bootstrap (shared resamples), 1 BLAS thread",
+                     "product": "modalign compare / report --baseline (paired_comparison on run dirs)",
                      "ours-k1": "modalign paired_bootstrap, one candidate per call, 1 BLAS thread",
                      "scipy": f"scipy.stats.bootstrap, batch={args.scipy_batch}",
                      "scipy-default": "scipy.stats.bootstrap, batch=None"}[impl]

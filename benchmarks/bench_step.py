@@ -41,8 +41,8 @@ def build_recipe(overrides: list[str], root: str):
     from modalign.recipes.align import AlignRecipe
     from modalign.recipes.launch import new_run
 
-    cfg, run = new_run([f"outputs={root}", *overrides], "align")
-    recipe = AlignRecipe(cfg, run, progress=False)
+    cfg, writer = new_run([f"outputs={root}", *overrides], "align")
+    recipe = AlignRecipe(cfg, writer, progress=False)
     recipe.setup()
     recipe.setup_training()
     return recipe
@@ -111,10 +111,12 @@ def loss_agreement(recipe, bare) -> tuple[float, float, int]:
     """Both losses on the first batch with identical weights (before any step)."""
     import torch
 
+    from modalign.train.device import autocast
+
     batch = recipe.sampler.batch(0)
     with torch.no_grad():
-        with recipe.trainer._autocast():
-            ours = float(recipe.objective(recipe.model, batch)["loss"])
+        with autocast(recipe.device, recipe.trainer.precision):
+            ours = float(recipe.objective(recipe.model(batch), batch)["loss"])
         img, txt, scale = bare.features_and_scale(batch)
         ref = float(bare.loss(img, txt, scale))
     dup = len(batch["groups"]) - len(torch.unique(batch["groups"]))
@@ -157,13 +159,16 @@ def component_costs(recipe, reps: int = 20) -> dict[str, float]:
     from modalign.losses.contrastive import clip_loss
     from modalign.train.loop import grad_norms
 
+    from modalign.train.device import autocast
+
     tr = recipe.trainer
     batch = recipe.sampler.batch(0)
-    with tr._autocast():
-        out, t, scale, _ = recipe.model(batch)
-    m = out.embedding.detach().float().requires_grad_()
-    t = t.detach().float().requires_grad_()
-    loss = recipe.objective(recipe.model, batch)["loss"]
+    with autocast(recipe.device, tr.precision):
+        out = recipe.model(batch)
+    m = out.modality.detach().float().requires_grad_()
+    t = out.text.detach().float().requires_grad_()
+    scale = out.scale
+    loss = recipe.objective(recipe.model(batch), batch)["loss"]
     loss.backward()
     comps = recipe.model.components()
     s = scale.detach()

@@ -20,6 +20,19 @@ TINY = ["data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.batch_si
 SMALL = ["trainer=smoke", "data.n_train=192", "data.n_val=48", "data.n_test=48", "trainer.batch_size=32"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA exists; elsewhere they are skipped, saying why."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
+        for item in gpu:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = Path(os.environ.get("MODALIGN_TEST_CACHE") or tmp_path_factory.mktemp("modalign-cache"))

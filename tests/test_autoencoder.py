@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from modalign.losses.reconstruction import autoencode_loss, reconstruction_errors
+from modalign.eval.reconstruction import reconstruction_scores
+from modalign.losses.reconstruction import autoencode_loss
 from modalign.models.align import AlignModel, AlignModelConfig
 from modalign.models.autoencoder import (AutoencoderConfig, BottleneckConfig, ModalityAutoencoder)
 from modalign.models.encoders import EncoderConfig
@@ -223,16 +224,34 @@ def test_bf16_autocast_forward_is_finite():
     assert terms["loss"].dtype == torch.float32
 
 
-def test_reconstruction_errors_per_example():
+@pytest.mark.parametrize("bottleneck", ["linear", "vq"])
+def test_reconstruction_scores_per_example_agree_with_the_loss_at_equal_lengths(bottleneck):
     torch.manual_seed(0)
-    model = ModalityAutoencoder(make_cfg("linear")).eval()
+    model = ModalityAutoencoder(make_cfg(bottleneck)).eval()
     batch = make_batch(equal_lengths=True)
     out = model(batch)
-    errors = reconstruction_errors(out, batch)
-    terms = autoencode_loss(out, batch, globals_beta=1.0)
-    for name in ("rec_ce", "rec_mse", "rec_globals"):
-        assert errors[name].shape == (B,)
-        assert errors[name].mean().item() == pytest.approx(terms[name].item(), rel=1e-5)  # equal lengths
+    vq = model.cfg.bottleneck.vq
+    scores = reconstruction_scores(out, batch, 2.0, vq.commitment_cost, vq.ema)
+    terms = autoencode_loss(out, batch, globals_beta=2.0)
+    names = ["rec_ce", "rec_mse", "rec_tokens", "rec_globals", "total_loss"]
+    names += ["vq_commit", "vq_codebook"] if bottleneck == "vq" else []
+    for name in names:
+        assert scores[name].shape == (B,)
+        assert scores[name].mean().item() == pytest.approx(terms[name].item(), rel=1e-5, abs=1e-7), name
+
+
+def test_reconstruction_scores_are_means_over_each_samples_own_tokens():
+    torch.manual_seed(0)
+    model = ModalityAutoencoder(make_cfg("linear")).eval()
+    batch = make_batch()  # lengths differ
+    out = model(batch)
+    scores = reconstruction_scores(out, batch, 1.0)
+    for i in range(B):
+        valid = batch["mask"][i]
+        ce = torch.nn.functional.cross_entropy(out["rec_ids"][i][valid].float(), batch["tokens_id"][i][valid])
+        acc = (out["rec_ids"][i][valid].argmax(-1) == batch["tokens_id"][i][valid]).float().mean()
+        assert scores["rec_ce"][i].item() == pytest.approx(ce.item(), rel=1e-5)
+        assert scores["token_acc"][i].item() == pytest.approx(acc.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("encoder", ["transformer", "cnn"])

@@ -54,6 +54,8 @@ def test_run_directory_follows_the_contract(tiny_run):
     assert info["code"]["package_version"]
     assert info["env"]["torch"].startswith("2.")
     assert info["env"]["malloc"] == "tuned"  # env.malloc default: glibc keeps freed memory (this is Linux glibc)
+    # env.device=auto (the default) on this machine without CUDA: trained and recorded on the CPU
+    assert info["env"]["device"] == "cpu" and info["env"]["device_type"] == "cpu" and info["env"]["device_name"]
     assert "trainer.max_steps" in info["config_diff"]
 
     rows = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -86,6 +88,48 @@ def test_eval_reproduces_test_metrics(tiny_run, cache_dir, tmp_path):
     assert got["zeroshot_acc"] == pytest.approx(want["zeroshot_acc"])
     p = run_cli(["eval", str(tiny_run), "--split", "val"], tmp_path, cache_dir)
     assert p.returncode == 0 and (tiny_run / "facts" / "scores_val.parquet").exists()
+    assert f"{tiny_run} [val] step 12 (best.pt, cpu)" in p.stdout.replace("\n", "")
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory, cache_dir) -> Path:
+    """A completed tiny autoencode (stage-1) run with a VQ bottleneck, through the CLI."""
+    cwd = tmp_path_factory.mktemp("stage1")
+    p = run_cli(["train", "--quiet", "--recipe", "autoencode", *TINY, "bottleneck=vq"], cwd, cache_dir)
+    assert p.returncode == 0, p.stderr
+    return next((cwd / "outputs" / "runs").iterdir())
+
+
+def test_stage1_summary_values_are_the_means_of_their_score_columns(stage1_run):
+    summary = json.loads((stage1_run / "facts" / "summary.json").read_text())["test"]
+    scores = pd.read_parquet(stage1_run / "facts" / "scores.parquet")
+    columns = ["rec_ce", "rec_mse", "rec_tokens", "rec_globals", "token_acc", "vq_commit", "vq_codebook", "total_loss"]
+    assert set(columns) <= set(scores.columns) and len(scores) == 64
+    for c in columns:
+        assert summary[c] == pytest.approx(float(scores[c].mean()), rel=1e-6, abs=1e-9), c
+    info = json.loads((stage1_run / "run.json").read_text())
+    assert info["eval"] == {**info["eval"], "protocol": "reconstruction", "version": 2}
+
+
+def test_eval_works_on_a_stage1_run_and_refuses_a_corrupted_one(stage1_run, tmp_path, cache_dir):
+    want = json.loads((stage1_run / "facts" / "summary.json").read_text())["test"]
+    p = run_cli(["eval", str(stage1_run)], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert "rec_tokens" in p.stdout and "Traceback" not in p.stderr
+    got = json.loads((stage1_run / "facts" / "eval_test.json").read_text())["metrics"]
+    for k in ("rec_tokens", "total_loss", "token_acc", "vq_perplexity"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(stage1_run, broken)
+    best = broken / "checkpoints" / "best.pt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    best.write_bytes(bytes(data))
+    p = run_cli(["eval", str(broken)], tmp_path, cache_dir)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "best.pt" in lines[0] and "Traceback" not in p.stderr, p.stderr
 
 
 def test_runs_table_lists_the_run(tiny_run, cache_dir):
@@ -163,7 +207,9 @@ BAD = [
     ("even-kernel", ["encoder=cnn", "encoder.kernel_size=4"], "encoder.kernel_size"),
     ("zero-temperature", ["loss.init_temperature=0"], "loss.init_temperature"),
     ("protocol-without-facts", ["eval.protocol=nonsense"], "eval.protocol"),
-    ("gpu-device", ["env.device=cuda"], "env.device"),  # not silently trained on the CPU
+    ("gpu-device", ["env.device=cuda"], "no CUDA device is visible"),  # not silently trained on the CPU
+    ("bad-device", ["env.device=tpu"], "env.device"),
+    ("fp16-on-cpu", ["env.device=cpu", "trainer.precision=fp16"], "trainer.precision"),
     ("bad-malloc", ["env.malloc=jemalloc"], "env.malloc"),
 ]
 
@@ -203,7 +249,7 @@ def test_bad_arguments_exit_2(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("override, expected", [  # found by tests/test_fuzz.py
-    ("trainer=5", "Config group override must be a string"),
+    ("trainer=5", "'trainer' must name one of its options (default, smoke), got '5'"),
     ("eval=5", "'eval' must be a config section"),
     ("~seed", "'seed' is required"),
     ("trainer.optim.encoder=5", "'trainer.optim' must map each component"),

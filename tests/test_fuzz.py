@@ -4,9 +4,9 @@ The promise: bad input either works correctly or fails with ONE line naming the 
 (UserError in-process; exit 2 and `modalign: error: ...` on the command line) -- never a traceback,
 never a run directory marked completed.
 
-    test_read_npz_fuzz      364 cases through read_npz(): 40 valid small datasets (NPZ + JSONL/JSON
+    test_read_npz_fuzz      400 cases through read_npz(): 40 valid small datasets (NPZ + JSONL/JSON
                             captions [+ prompts]; every harmless variation: id kinds, dtypes, unicode
-                            and 10k-char captions, hash split, ...), then 12 per mutation (27: NaN/Inf,
+                            and 10k-char captions, hash split, ...), then 12 per mutation (30: NaN/Inf,
                             duplicate ids, empty/unknown splits, count mismatches, wrong dtypes,
                             object/ragged arrays, bad lengths, caption problems, missing keys, ...),
                             each applied first and followed by 0-2 random others
@@ -18,9 +18,12 @@ never a run directory marked completed.
 
 Every generated case has an oracle: a mutation or override that must be rejected must raise a
 one-line UserError naming the file (data) or a key/value (config), with the expected fragment when
-it is the only one; cases without one must load (and equal what was written) or pass. Known product
-bugs are not generated; they are listed at the end of this file. Deterministic (derandomize=True);
-`-s` prints the number of generated cases.
+it is the only one; cases without one must load (and equal what was written) or pass. The inputs of
+the bugs this fuzzing found earlier (corrupt zip member headers, captions with U+0085/U+2028/U+2029,
+a captions path that is a directory, deeply nested JSON, lone surrogates in captions, line breaks in
+ids, groups and sections set to scalars or deleted, unchecked optimizer values, NaN) are generated
+like any other input since they were fixed; their regression tests stay in test_npz.py and
+test_cli.py. Deterministic (derandomize=True); `-s` prints the number of generated cases.
 
 Run: .venv/bin/python -m pytest -q tests/test_fuzz.py
 """
@@ -42,10 +45,10 @@ from hypothesis import strategies as st
 from conftest import TINY, run_cli
 from modalign.data.npz import ARRAYS, hash_split, read_npz
 from modalign.data.paired import SPLITS, PairedData
-from modalign.errors import UserError
+from modalign.errors import UserError, one_line
 
 VALID_EXAMPLES = 40  # read_npz cases of valid data (every harmless variation)
-PER_FOCUS = 12  # read_npz cases per mutation (27 of them)
+PER_FOCUS = 12  # read_npz cases per mutation (30 of them)
 CONFIG_EXAMPLES = 200
 COUNTS: dict[str, int] = {}
 
@@ -57,11 +60,12 @@ FUZZ = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 # and the printed @reproduce_failure blob replays it).
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
 
-# Text for ids, split and label names, which error messages quote: no line breaks (Cc, Zl, Zp) and
-# no NUL (numpy's str arrays drop trailing NULs). Captions may hold anything a JSON string can, but
-# not U+0085/U+2028/U+2029 raw (see KNOWN BUG 2 at the end of this file).
-NAME_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zl", "Zp"))
-CAPTION_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Zl", "Zp"), exclude_characters="\x85")
+# Text for ids, split and label names, which error messages quote: line breaks and other controls
+# included (a message quoting them stays one line), no NUL (numpy's str arrays drop trailing NULs),
+# no lone surrogates (not text). Captions may hold anything a JSON string can, line and paragraph
+# separators (U+0085, U+2028, U+2029) included; lone surrogates are a mutation (bad_caption_value).
+NAME_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00")
+CAPTION_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
 SPECIALS = ["🙂👩‍🔬", "עברית ‏שלום", "a\u0301e\u0308", "日本語", "ﷺ", "\u200b",  # emoji, RTL, combining, CJK
             "x\ty", "\x00nul", "\\\"'{}[]", "مرحبا"]
 
@@ -500,10 +504,14 @@ def m_blank_caption(case, p):
 def m_bad_caption_value(case, p):
     row = p.choice(_sample_rows(case))
     sid = str(row["id"])
-    bad = p.choice([3, None, True, 1.5, [], {}, ["ok", 7], ["ok", None], [["nested"]], [{"a": 1}]])
+    bad = p.choice([3, None, True, 1.5, [], {}, ["ok", 7], ["ok", None], [["nested"]], [{"a": 1}],
+                    ["a lone surrogate \ud800 in it"]])
     row.pop("caption", None)
     row["captions"] = bad
     case.touched.add(sid)
+    if bad == ["a lone surrogate \ud800 in it"]:
+        case.ensure_ascii = True  # JSON writes it escaped ("\ud800"); raw, it is not UTF-8 at all
+        return [("not valid Unicode", f"'{sid}'")]
     return [("caption", f"'{sid}'")]
 
 
@@ -626,6 +634,15 @@ def m_file(case, p):
             "empty npz": [("not an .npz",)]}[case.file_op]
 
 
+def m_file_op(op: str, expected: list[tuple]):
+    """A mutation that damages the files one way (the inputs of bugs fixed earlier)."""
+    def mutation(case, p):
+        case.file_op = op
+        case.file_arg = p.int(0, 10**6)
+        return expected
+    return mutation
+
+
 def _any_touched(case) -> bool:
     return bool(case.touched) or case.file_op is not None or any(a is not None for _, a in case.applied)
 
@@ -663,6 +680,9 @@ MUTATIONS = {
     "no_samples": (lambda c: not _any_touched(c), m_no_samples),
     "zero_positions": (lambda c: not _any_touched(c), m_zero_positions),
     "file": (lambda c: c.file_op is None, m_file),
+    "captions_dir": (lambda c: c.file_op is None, m_file_op("captions dir", [("cannot read the captions",)])),
+    "zip_compression": (lambda c: c.file_op is None, m_file_op("compression", [("is corrupt",)])),
+    "deep_json": (lambda c: c.file_op is None, m_file_op("deep json", [("nested too deeply",), ("bad JSON",)])),
 }
 
 
@@ -728,6 +748,15 @@ def write(case: Case, root: Path) -> Path:
             np.save(f, np.zeros((case.n, case.T), np.float32))
     elif op == "empty npz":
         npz.write_bytes(b"")
+    elif op == "captions dir":  # the captions path is a directory
+        cap.unlink()
+        cap.mkdir()
+    elif op == "compression":  # a member whose header names a compression method zipfile cannot read
+        raw = bytearray(npz.read_bytes())
+        raw[raw.index(b"PK\x01\x02") + 10] = 99 + arg % 100
+        npz.write_bytes(bytes(raw))
+    elif op == "deep json":  # a caption line nested deeper than the JSON parser's recursion limit
+        cap.write_text("[" * (100_000 + arg) + "\n" + text, encoding="utf-8")
     case.npz, case.captions = npz, cap
     return npz
 
@@ -749,7 +778,8 @@ def check_error(case: Case, e: UserError) -> None:
     rejects = case.rejects
     if len(rejects) == 1:
         name, alts = rejects[0]
-        assert any(all(frag in msg for frag in alt) for alt in alts), \
+        # a quoted id with a line break appears with a space there (modalign.errors.one_line)
+        assert any(all(one_line(frag) in msg for frag in alt) for alt in alts), \
             f"mutation {name}: expected {alts} in the error, got {msg!r}"
 
 
@@ -827,6 +857,14 @@ def one_data_case(root: Path, focus: str | None, p: Pick) -> None:
     COUNTS[f"data_{outcome}"] = COUNTS.get(f"data_{outcome}", 0) + 1
     for name, _ in case.applied:
         COUNTS[f"data_mut_{name}"] = COUNTS.get(f"data_mut_{name}", 0) + 1
+    if case.file_op:
+        COUNTS[f"data_file_{case.file_op}"] = COUNTS.get(f"data_file_{case.file_op}", 0) + 1
+    try:
+        text = " ".join(id_strs(case.arrays["ids"])) if "ids" in case.arrays else ""
+    except (TypeError, ValueError, AttributeError):  # mutated ids (wrong ndim, object arrays)
+        text = ""
+    if any(ch in text for ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+        COUNTS["data_id_line_break"] = COUNTS.get("data_id_line_break", 0) + 1
 
 
 @settings(max_examples=VALID_EXAMPLES, phases=NO_SHRINK, **FUZZ)
@@ -856,6 +894,9 @@ def test_read_npz_fuzz(tmp_path, record_property):
     assert COUNTS.get("data_ok", 0) >= VALID_EXAMPLES and COUNTS.get("data_error", 0) >= 200
     unused = [m for m in MUTATIONS if not COUNTS.get(f"data_mut_{m}")]
     assert not unused, f"mutations never generated: {unused}"
+    # the inputs of bugs fixed earlier are generated, not excluded
+    for key in ("data_id_line_break",):
+        assert COUNTS.get(key), f"never generated: {key}"
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -864,7 +905,7 @@ PARSE_ERROR = object()  # the override does not parse
 GARBAGE = [("abc", "abc"), ("1.5", 1.5), ("true", True), ("false", False), ("[1,2]", [1, 2]), ("[]", []),
            ("{a:1}", {"a": 1}), ("null", None), ("'5'", "5"), ("1e3", 1000.0), ("-7", -7), ("0", 0),
            ("日本", PARSE_ERROR), ("🙂x", PARSE_ERROR), ("'a b'", "a b"), ("x" * 10_000, "x" * 10_000),
-           ("ab=c", PARSE_ERROR), ("'ünï 🙂 עברית'", "ünï 🙂 עברית")]
+           ("ab=c", PARSE_ERROR), ("'ünï 🙂 עברית'", "ünï 🙂 עברית"), ("nan", float("nan"))]
 
 INT, FLOAT, BOOL, CHOICE, STR, SPECIAL = "int", "float", "bool", "choice", "str", "special"
 
@@ -877,10 +918,12 @@ COMMON = {
                                                ("keep_checkpoints", 0), ("threads", 0), ("early_stop_patience", 0),
                                                ("max_nonfinite_skips", 0))},
     "trainer.grad_clip": (FLOAT, (0, None, False, False)),
-    "trainer.precision": (CHOICE, ("auto", "fp32", "bf16")),
+    "trainer.precision": (CHOICE, ("auto", "fp32", "bf16", "fp16")),
     "trainer.monitor_mode": (CHOICE, ("max", "min")),
     "trainer.on_nonfinite": (CHOICE, ("stop", "skip")),
     "trainer.optim.warmup_steps": (INT, 0),
+    "trainer.optim.eps": (FLOAT, (1e-12, None, False, False)),
+    "trainer.optim.min_lr_ratio": (FLOAT, (0, 1, False, False)),
     **{f"trainer.optim.{g}.{k}": (FLOAT, (0, None, False, False)) for g in ("encoder", "heads", "logit_scale")
        for k in ("lr", "weight_decay")},
     "eval.split": (CHOICE, SPLITS),
@@ -954,7 +997,7 @@ def judge(spec, value) -> str:
         return "ok" if value in arg else "maybe"
     if kind == FLOAT:
         lo, hi, lo_open, hi_open = arg
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
             return "bad"
         if value < lo or (lo_open and value == lo) or (hi is not None and (value > hi or (hi_open and value == hi))):
             return "bad"
@@ -1015,6 +1058,7 @@ def value_for(p: Pick, key: str, spec) -> tuple[str, object]:
 def gen_overrides(p: Pick) -> list[Override]:
     out: list[Override] = []
     used: set[str] = set()
+    blocked: set[str] = set()  # config sections deleted or set to a scalar
 
     def leaf_frags(key, raw):
         return (key.split(".")[-1], raw[:50]) if raw else (key.split(".")[-1],)
@@ -1025,6 +1069,9 @@ def gen_overrides(p: Pick) -> list[Override]:
             if p.rare(4):
                 bad = p.choice(["nope", "MLP", "lstm", "mlp2", "defaults", "demo"])
                 out.append(Override(f"{group}={bad}", "bad", (bad,)))
+            elif p.rare(6):  # not an option name at all
+                bad = p.choice(["5", "null", "[1,2]", "1.5", "true"])
+                out.append(Override(f"{group}={bad}", "bad", (f"'{group}' must name one of its options",)))
             else:
                 option = p.choice(GROUPS[group])
                 head = option if group == "head" else head
@@ -1033,9 +1080,10 @@ def gen_overrides(p: Pick) -> list[Override]:
 
     keys = {**COMMON, **HEAD_KEYS[head]}
     for _ in range(p.int(0, 4)):
-        how = p.choice(["set"] * 6 + ["typo", "unknown", "plus", "plusplus", "delete", "other head", "head.kind"])
+        how = p.choice(["set"] * 6 + ["typo", "unknown", "plus", "plusplus", "delete", "other head", "head.kind",
+                                      "section", "betas"])
         key = p.choice(sorted(keys))
-        if key in used:
+        if key in used or any(key.startswith(b + ".") for b in blocked):
             continue
         used.add(key)
         if how == "set":
@@ -1058,18 +1106,43 @@ def gen_overrides(p: Pick) -> list[Override]:
             raw, value = value_for(p, key, keys[key])
             out.append(Override(f"++{key}={raw}", judge(keys[key], value), leaf_frags(key, raw)))
         elif how == "delete":
-            if key in ("seed",) or key.startswith("data."):
-                continue  # KNOWN BUG 6 (seed); data defaults would build 10000 samples
-            # name/outputs are required; Hydra cannot delete a null (text.cache_dir); the rest fall back
-            # to their defaults
-            status = "bad" if key in ("name", "outputs", "text.cache_dir") else "ok"
+            if key.startswith("data."):
+                continue  # the data defaults would build 10,000 samples: slow, not wrong
+            # name/outputs/seed are required; Hydra cannot delete a null (text.cache_dir); the rest fall
+            # back to their defaults
+            status = "bad" if key in ("name", "outputs", "text.cache_dir", "seed") else "ok"
             out.append(Override(f"~{key}", status, (key.split(".")[-1],)))
+        elif how == "section":  # a config section set to a scalar or deleted
+            section = p.choice(["eval", "trainer", "loss", "text", "env", "trainer.optim", "trainer.optim.encoder"])
+            if section in used or any(u.startswith(section + ".") for u in used) or \
+                    any(section.startswith(b + ".") or section == b for b in blocked):
+                continue
+            used.add(section)
+            blocked.add(section)  # later overrides of its keys would fail for another reason
+            raw = p.choice(["5", "null", "'x'"]) if p.bool() else None
+            text = f"~{section}" if raw is None else f"{section}={raw}"
+            if section == "trainer.optim.encoder" and raw is None:
+                status = "maybe"  # deleting one component's settings falls back to nothing: refused, or not
+            else:
+                status = "bad"
+            frag = "trainer.optim" if section.startswith("trainer.optim") else section
+            out.append(Override(text, status, (f"'{frag}'",)))
+        elif how == "betas":
+            if "trainer.optim.betas" in used or any("trainer.optim.betas".startswith(b + ".") for b in blocked):
+                continue
+            used.add("trainer.optim.betas")
+            b0, b1 = p.choice([0.9, 0.5, 1.5, -0.1, 1.0]), p.choice([0.999, 0.95, 2.0])
+            ok = 0 <= b0 <= 0.999999 and 0 <= b1 <= 0.999999
+            out.append(Override(f"trainer.optim.betas=[{b0},{b1}]", "ok" if ok else "bad", ("betas",)))
         elif how == "other head":
             others = {k: s for h, ks in HEAD_KEYS.items() if h != head for k, s in ks.items() if k not in keys}
             if others:
                 other = p.choice(sorted(others))
                 out.append(Override(f"{other}=2", "bad", (other.split(".")[-1],)))
         else:
+            if "head.kind" in used:
+                continue  # a second head.kind would override the first
+            used.add("head.kind")
             bad = p.choice(["nope", "transformer", "Linear", "mlp "])
             if bad.strip() != head:
                 out.append(Override(f"head.kind={bad}", "bad" if bad.strip() not in GROUPS["head"] else "maybe",
@@ -1190,32 +1263,3 @@ def test_generated_bad_cases_through_cli(case_id, fragment, cli_results):
     completed = [r for r in left if (r / "run.json").exists() and '"completed"' in (r / "run.json").read_text()]
     assert not completed, f"a run dir is marked completed: {completed}"
     assert not left, f"a failed start left run directories: {left}"
-
-
-# KNOWN BUGS found by this fuzzing (on f3af04c). Not generated above, so the suite stays green until
-# they are fixed; reproducers are in the report that came with this file.
-#  1. npz.py _load_arrays: `arr = archive[key]` lets zipfile's NotImplementedError ("That compression
-#     method is not supported", "zip file version ...", "strong encryption") and RuntimeError ("File
-#     'ids.npy' is encrypted, password required") escape a corrupt member header: a traceback
-#     in-process; via the CLI see 3.
-#  2. npz.py _jsonl_entries splits with str.splitlines(), which also breaks at U+0085, U+2028 and
-#     U+2029; json.dumps(..., ensure_ascii=False) (and write_npz) writes them raw, so such a caption
-#     fails as "bad JSON (Unterminated string starting at at column N)" and write_npz -> read_npz does
-#     not round-trip.
-#  3. a captions path that is a directory (data.captions=DIR, or DATA.jsonl / DATA.prompts.json a
-#     directory) raises IsADirectoryError (npz.py _read_captions / _read_prompts), and a deeply nested
-#     JSON line RecursionError (json.loads in _jsonl_entries). Through the CLI these (and 1) become
-#     "config: data: Error in call to target 'modalign.data.npz.read_npz':" (align.py load_data keeps
-#     only the first line of Hydra's InstantiationException), naming neither the file nor the problem.
-#  4. a caption with a lone surrogate ("\ud800" escaped in the JSON) loads; then PairedData.fingerprint
-#     and the text cache key raise UnicodeEncodeError: `modalign train` exits 1, run dir left "failed".
-#  5. an id, split name or caption id containing a line break gives a multi-line UserError.
-#  6. config.py compose catches only HydraException/OmegaConfBaseException: a group set to a
-#     non-string (trainer=5, data=null, head=[1,2]) raises Hydra's ValueError/TypeError: a traceback.
-#     A mapping set to a scalar or deleted (eval=5, trainer.optim=5, trainer.optim.encoder=null, ~seed,
-#     ~trainer, ~eval) passes check_resolved and fails in read_settings after the run dir exists:
-#     exit 1 "run failed: TypeError/ValueError/AttributeError/ConfigAttributeError", run left "failed".
-#  7. unchecked values: trainer.optim.eps and betas (eps=-1, betas=[1.5,0.9] -> exit 1 "run failed",
-#     run left "failed"), trainer.optim.min_lr_ratio (-5 -> a COMPLETED run with negative learning
-#     rates); and NaN passes every check_range (`value < min_value` is False): trainer.grad_clip=nan ->
-#     COMPLETED; loss.init_temperature=nan, trainer.optim.encoder.lr=nan -> exit 1 "run failed".

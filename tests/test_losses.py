@@ -82,6 +82,28 @@ def test_queue_masks_same_caption_and_empty_slots():
 
 def test_random_token_mask_respects_padding_and_ratio():
     mask = torch.tensor([[True] * 10, [True] * 3 + [False] * 7])
-    hidden = random_token_mask(mask, 0.3, torch.Generator().manual_seed(0))
+    noise = torch.rand(2, 10, generator=torch.Generator().manual_seed(0))
+    hidden = random_token_mask(mask, 0.3, noise)
     assert not (hidden & ~mask).any()
     assert hidden[0].sum().item() == 3 and hidden[1].sum().item() == 1  # at least one per sample
+    # the positions with the smallest noise are the ones hidden
+    assert set(hidden[0].nonzero().flatten().tolist()) == set(noise[0].argsort()[:3].tolist())
+    assert torch.equal(random_token_mask(mask, 0.3, noise), hidden)  # a function of the noise alone
+
+
+def test_masked_token_loss_is_the_mean_over_hidden_positions_and_splits_into_rank_shares():
+    from modalign.losses.contrastive import masked_token_loss
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(4, 5, 7), torch.randint(0, 7, (4, 5))
+    hidden = torch.rand(4, 5) < 0.5
+    hidden[0, 0] = True
+    want = torch.nn.functional.cross_entropy(pred[hidden], target[hidden])
+    assert masked_token_loss(pred, target, hidden).item() == pytest.approx(want.item(), rel=1e-6)
+    # two ranks with two samples each, divided by the global count over 2: their mean is the whole mean
+    n = hidden.sum() / 2
+    shares = [masked_token_loss(pred[i:i + 2], target[i:i + 2], hidden[i:i + 2], n) for i in (0, 2)]
+    assert ((shares[0] + shares[1]) / 2).item() == pytest.approx(want.item(), rel=1e-6)
+    cont = torch.randn(4, 5, 3)  # continuous features: MSE over hidden positions and channels
+    want = torch.nn.functional.mse_loss(pred[..., :3][hidden], cont[hidden])
+    assert masked_token_loss(pred[..., :3], cont, hidden).item() == pytest.approx(want.item(), rel=1e-6)

@@ -243,6 +243,9 @@ def test_line_separator_characters_in_captions_round_trip(tmp_path):
         + "\n".join(json.dumps({"id": f"s{i}", "captions": ["c"]}) for i in range(1, N)) + "\n"),
      "is not valid Unicode"),
     (lambda p: (p.parent / "data.jsonl").write_text("[" * 100_000 + "\n"), "nested too deeply"),
+    # the same in the JSON form of the captions (found by tests/test_fuzz.py)
+    (lambda p: (p.parent / "data.jsonl").unlink() or (p.parent / "data.json").write_text("[" * 100_000),
+     "nested too deeply"),
 ])
 def test_unreadable_captions_are_one_line(tmp_path, make, expected):
     path = _write(tmp_path)

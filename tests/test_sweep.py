@@ -158,3 +158,17 @@ def test_plain_override_sweep_plans_the_cartesian_product():
     assert p["recipe"] == "autoencode" and p["n_jobs"] == 9 and p["metric"] == "test/total_loss"
     p = plan(["head=linear,mlp", "seed=0,1,2"])
     assert p["recipe"] == "align" and p["n_jobs"] == 6 and p["grid"]["head"] == ["linear", "mlp"]
+
+
+def test_grid_values_are_parsed_as_hydra_parses_them():
+    """Experiment params and command-line sweeps go through Hydra's override parser: range(),
+    choice(), quoted commas; an interval (which no grid can enumerate) is one line naming it."""
+    from modalign.errors import UserError
+    from modalign.recipes.sweep import plan, sweep_overrides
+
+    grid = sweep_overrides(["seed=range(3)", "head=choice(linear,mlp)", "name='a,b',c", "trainer.max_steps=5"])
+    assert grid == {"seed": ["0", "1", "2"], "head": ["linear", "mlp"], "name": ["'a,b'", "c"]}
+    with pytest.raises(UserError, match=r"'trainer.optim.encoder.lr=interval\(0.1,1.0\)' is an interval"):
+        sweep_overrides(["trainer.optim.encoder.lr=interval(0.1,1.0)"], "experiment x.yaml: hydra.sweeper.params")
+    p = plan(["experiment=demo", "seed=range(1,4)", "trainer=smoke"])
+    assert p["grid"] == {"head": ["linear", "mlp"], "seed": ["1", "2", "3"]} and p["n_jobs"] == 6

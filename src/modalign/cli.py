@@ -12,8 +12,6 @@ from pathlib import Path
 
 from modalign.errors import UserError
 
-HEADLINE = ("m2t_R@1", "t2m_R@1", "zeroshot_acc")
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own usage errors: one line, exit 2
@@ -75,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--export-embeddings", action="store_true", help="write facts/embeddings.npz")
+    e.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where to evaluate: auto (default: a CUDA GPU if visible, else the CPU), cpu, cuda, cuda:N, mps; "
+                        "a run trained on a GPU evaluates on a CPU and back")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
     rp = sub.add_parser("report", help="tables, plots, verdicts and recommendations over sweeps or runs",
@@ -151,22 +152,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # train ------------------------------------------------------------------------------------------
-def _print_result(run, summary: dict, console) -> None:
-    split = summary.get("split", "test")
-    res, chance = summary.get(split, {}), summary.get("chance", {})
-    console.print(f"[bold]run[/bold] {run.path}")
-    console.print(f"relevance protocol: {summary.get('protocol')}; {summary.get('steps')} steps in "
-                  f"{summary.get('train_seconds', 0):.0f} s ({summary.get('precision')})")
-    keys = HEADLINE + ("exact_text/m2t_R@1", "exact_text/t2m_R@1")
-    if summary.get("recipe") == "autoencode":
-        keys = ("total_loss", "rec_tokens", "token_acc", "rec_mse", "rec_globals", "vq_perplexity", "vq_usage")
-    for k in keys:
-        if k in res:
-            c = chance.get(k)
-            tail = f"   (chance {c:.4f})" if c is not None else ""
-            console.print(f"  {split} {k:<20} {res[k]:.3f}{tail}")
-
-
 def _tune_malloc_early(overrides: list[str]) -> None:
     """env.malloc before torch starts any thread (modalign.train.allocator)."""
     from modalign.train.allocator import mode_from_overrides, tune_malloc
@@ -175,47 +160,9 @@ def _tune_malloc_early(overrides: list[str]) -> None:
 
 
 def cmd_train(args) -> int:
-    _tune_malloc_early(args.overrides)
-    from modalign.train.distributed import from_env
+    from modalign.recipes.launch import train_command
 
-    if from_env().distributed:  # under torchrun
-        return _train_distributed(args)
-    from modalign.recipes.launch import execute, new_run, resume_run, split_resume
-
-    resume, overrides = split_resume(args.overrides)
-    cfg, run = resume_run(resume, overrides) if resume else new_run(overrides, args.recipe)
-    code, summary = execute(cfg, run, args.quiet)
-    if code == 0 and not args.quiet:
-        _print_result(run, summary, _console())
-    elif code == 0:
-        print(run.path)
-    return code
-
-
-def _train_distributed(args) -> int:
-    import torch.distributed as dist
-
-    from modalign.recipes.launch import run_distributed
-    from modalign.train.distributed import init_from_env
-
-    world = init_from_env()
-    try:
-        result = run_distributed(args.overrides, args.recipe, args.quiet, world)
-        code, run = result[0], result[-1]
-        if world.is_main and code == 0:
-            from modalign.runs.rundir import read_json
-
-            summary = read_json(run.facts / "summary.json")
-            if args.quiet:
-                print(run.path)
-            else:
-                _print_result(run, summary, _console())
-                _console().print(f"trained on {world.size} ranks ({world.backend}), each on 1/{world.size} "
-                                 "of every global batch")
-        return code
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return train_command(args.recipe, [*(["--quiet"] if args.quiet else []), *args.overrides])
 
 
 def cmd_demo(args) -> int:
@@ -249,12 +196,13 @@ def _print_sweep(sweep_dir: Path) -> None:
     import yaml
     from rich.table import Table
 
+    from modalign.analysis.metrics import headline
     from modalign.runs.index import find_runs
 
     info = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
     records = {r.path.name: r for r in find_runs(sweep_dir)}
     keys = list(info.get("grid", {}))
-    metrics = ["m2t_R@1", "t2m_R@1", "zeroshot_acc"] if info.get("recipe") == "align" else ["total_loss", "rec_tokens", "rec_globals"]
+    metrics = list(headline(info.get("recipe")))
     table = Table(title=f"{sweep_dir} — {info['status']}")
     for col in ("job", *keys, "status", *metrics):
         table.add_column(col, justify="right" if col in metrics else "left")
@@ -361,15 +309,14 @@ def cmd_compare(args) -> int:
 
     from modalign.analysis.comparability import config_diff
     from modalign.analysis.compare import describe, mismatches, paired_comparison
-    from modalign.report.build import full_metric
-    from modalign.runs.facts import per_example_column
+    from modalign.analysis.metrics import full_name, per_example_column
     from modalign.runs.index import parse_where
 
     if len(args.sides) < 2:
         raise UserError("compare: give a baseline and at least one candidate (modalign compare A B)")
     if args.resamples < 1:
         raise UserError(f"--resamples {args.resamples}: must be a positive number")
-    metric = full_metric(args.metric)
+    metric = full_name(args.metric)
     if per_example_column(metric) is None:
         raise UserError(f"--metric {args.metric}: not a mean over test examples, so there is nothing to pair; "
                         "use e.g. m2t_R@1, t2m_R@5, m2t_mAP or zeroshot_acc")
@@ -416,50 +363,16 @@ def cmd_compare(args) -> int:
 
 # eval -------------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
+    from modalign.recipes.evaluate import evaluate_run
 
-    from modalign.recipes.align import AlignRecipe
-    from modalign.recipes.launch import load_yaml, run_info
-    from modalign.runs.facts import write_scores
-    from modalign.runs.rundir import RunDir, atomic_write_json
-    from modalign.train.checkpoint import load_checkpoint
+    from rich.markup import escape
 
-    path = Path(args.run)
-    if not (path / "cfg.yaml").exists():
-        raise UserError(f"{path}: not a run directory (no cfg.yaml)")
-    run = RunDir(path)
-    ckpt = path / "checkpoints" / "best.pt"
-    if not ckpt.exists():
-        ckpt = path / "checkpoints" / "last.pt"
-    if not ckpt.exists():
-        raise UserError(f"{path}: no checkpoint to evaluate (checkpoints/best.pt or last.pt)")
-    cfg = load_yaml(path / "cfg.yaml")
-    recipe = AlignRecipe(cfg, run, progress=not args.quiet)
-    recipe.setup()
-    recorded = run_info(run).get("data", {}).get("splits", {}).get(args.split, {}).get("fingerprint")
-    actual = recipe.splits[args.split].fingerprint()
-    if recorded is not None and recorded != actual:
-        raise UserError(f"{path}: the {args.split} split is not the data this run was trained and tested on "
-                        f"(fingerprint {actual[:12]} now, {recorded[:12]} in run.json)")
-    payload = load_checkpoint(ckpt)
-    try:
-        recipe.model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise UserError(f"{ckpt}: does not fit this run's model ({str(e).splitlines()[0]})") from None
-    metrics, per_example, m, t = recipe.evaluate(args.split)
-    run.facts.mkdir(exist_ok=True)
-    atomic_write_json(run.facts / f"eval_{args.split}.json",
-                      {"split": args.split, "checkpoint": str(ckpt), "step": payload["step"],
-                       "metrics": metrics, "chance": recipe.chance(args.split)})
-    name = "scores.parquet" if args.split == recipe.eval_cfg.split else f"scores_{args.split}.parquet"
-    write_scores(run.facts / name, recipe.splits[args.split], per_example)
-    if args.export_embeddings:
-        import numpy as np
-
-        np.savez(run.facts / ("embeddings.npz" if args.split == recipe.eval_cfg.split else f"embeddings_{args.split}.npz"),
-                 ids=recipe.splits[args.split].ids.astype(str), modality=m, text=t)
+    result = evaluate_run(Path(args.run), args.split, args.export_embeddings, progress=not args.quiet,
+                          device=args.device)
     console = _console()
-    console.print(f"{path} [{args.split}] step {payload['step']} ({ckpt.name})")
-    for k, v in metrics.items():
+    console.print(escape(f"{args.run} [{args.split}] step {result['step']} ({Path(result['checkpoint']).name}, "
+                         f"{result['device']})"))
+    for k, v in result["metrics"].items():
         console.print(f"  {k:<28} {v:.4f}")
     return 0
 
@@ -482,11 +395,10 @@ def cmd_variants(args) -> int:
     from rich.table import Table
 
     from modalign.registry import all_variants
-    from modalign.report.build import full_metric
-    from modalign.runs.facts import smaller_is_better
+    from modalign.analysis.metrics import full_name, larger_is_better
     from modalign.runs.index import find_runs
 
-    metric = full_metric(args.metric)
+    metric = full_name(args.metric)
     runs = find_runs(Path(args.outputs)) if Path(args.outputs).exists() else []
     table = Table(title=f"variants (runs and best {metric} under {args.outputs})")
     for col in ("kind", "name", "created by", "model", "date", "experiment", "version", "approach", "status",
@@ -497,7 +409,7 @@ def cmd_variants(args) -> int:
         mine = [r for r in runs if r.status == "completed" and (r.info.get("variant") or {}).get("name") == var.name
                 and (r.info.get("variant") or {}).get("kind") == var.kind]
         values = [v for v in (r.metric(metric) for r in mine) if v is not None]
-        best = (min if smaller_is_better(metric) else max)(values) if values else None
+        best = (max if larger_is_better(metric) else min)(values) if values else None
         table.add_row(var.kind, var.name, var.created_by, var.model, var.date, var.experiment_id, var.version,
                       var.approach, var.status, str(len(mine)), "" if best is None else f"{best:.3f}")
     _console().print(table)
@@ -510,16 +422,16 @@ def cmd_runs(args) -> int:
 
     from modalign.runs.index import find_runs, parse_where, select
 
-    from modalign.runs.facts import smaller_is_better
+    from modalign.analysis.metrics import HEADLINE, larger_is_better
 
     where = parse_where(args.where)
     records = select(find_runs(Path(args.root)), where)
-    columns = list(HEADLINE)
+    columns = list(HEADLINE["align"])
     if args.sort:
         if records and all(r.metric(args.sort) is None for r in records):
             raise UserError(f"--sort {args.sort}: no run under {args.root} has this metric (e.g. m2t_R@1, t2m_mAP, "
                             "zeroshot_acc, rec_tokens)")
-        sign = 1.0 if smaller_is_better(args.sort) else -1.0  # best first
+        sign = -1.0 if larger_is_better(args.sort) else 1.0  # best first
         records.sort(key=lambda r: (r.metric(args.sort) is None, sign * (r.metric(args.sort) or 0.0)))
         if args.sort.split("/")[-1] not in columns:
             columns.append(args.sort)

@@ -1,10 +1,13 @@
-"""One optimizer-free training step under torchrun, for tests/test_distributed.py:
+"""Two optimizer-free training steps under torchrun, for tests/test_distributed.py:
 
     torchrun --nproc-per-node 2 tests/workers/ddp_step.py OUT.pt
 
-Each rank builds the same seeded model and global batch, wraps the model in DDP, computes the
-objective on its shard (global and local contrastive loss), backpropagates, and rank 0 saves
-the loss and the synchronised gradients to OUT.pt, to compare with one process on the whole batch.
+Each rank builds the same seeded model and global batches, wraps the model in DDP, and for each loss
+configuration (global and local contrastive loss; with the caption queue and the masked-modeling
+term) runs two steps on its shard: inputs -> model -> objective -> backward. The second step's
+queue holds the first step's gathered captions. Rank 0 saves the second step's loss (mean over
+ranks) and synchronised gradients to OUT.pt, to compare with one process on the whole batches
+(`run_steps` with the single-process world).
 """
 
 import sys
@@ -15,41 +18,62 @@ from torch.nn.parallel import DistributedDataParallel
 from modalign.losses.objective import AlignObjective, LossConfig
 from modalign.models.align import AlignModel, AlignModelConfig, HeadConfig
 from modalign.models.encoders import EncoderConfig
-from modalign.train.distributed import init_from_env, shard
+from modalign.train.distributed import SINGLE, World, init_from_env, leave, shard
 
 B, T = 8, 6
+CASES = {
+    "global": LossConfig(),
+    "local": LossConfig(local_loss=True),
+    "queue+mlm": LossConfig(queue_size=6, mlm_weight=0.5, mlm_ratio=0.3),
+    "queue+mlm, local": LossConfig(queue_size=6, mlm_weight=0.5, mlm_ratio=0.3, local_loss=True),
+}
 
 
-def model_and_batch():
+def model_and_batches(mlm: bool):
     torch.manual_seed(0)
     cfg = AlignModelConfig(encoder=EncoderConfig(kind="transformer", width=32, depth=1, heads=4, vocab_size=20,
                                                  n_cont=0, n_globals=3),
-                           head=HeadConfig("mlp", 16, {"layers": 2, "hidden": 32, "dropout": 0.0}), text_dim=8)
+                           head=HeadConfig("mlp", 16, {"layers": 2, "hidden": 32, "dropout": 0.0}), text_dim=8,
+                           mlm_head=mlm, mlm_ratio=0.3)
     model = AlignModel(cfg)
-    lengths = torch.tensor([6, 3, 5, 6, 2, 4, 6, 1])
-    batch = {"tokens_id": torch.randint(0, 20, (B, T)), "tokens_cont": torch.zeros(B, T, 0),
-             "globals": torch.randn(B, 3), "mask": torch.arange(T)[None] < lengths[:, None],
-             "text": torch.randn(B, 8), "groups": torch.tensor([0, 1, 2, 1, 3, 4, 5, 0])}  # shared captions
-    return model, batch
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        batches.append({"tokens_id": torch.randint(0, 20, (B, T), generator=g), "tokens_cont": torch.zeros(B, T, 0),
+                        "globals": torch.randn(B, 3, generator=g), "mask": torch.arange(T)[None] < lengths[:, None],
+                        "text": torch.randn(B, 8, generator=g), "token_noise": torch.rand(B, T, generator=g),
+                        "groups": torch.tensor([0, 1, 2, 1, 3, 4, 5, 0]) + 10 * len(batches)})  # shared captions
+    return model, batches
+
+
+def run_steps(loss_cfg: LossConfig, world: World = SINGLE) -> dict:
+    """Two steps of `loss_cfg` on this rank's shard. -> {"loss": the second step's loss (this
+    rank's), "grads": {name: gradient}} (DDP-averaged under torchrun)."""
+    model, batches = model_and_batches(loss_cfg.mlm_weight > 0)
+    net = DistributedDataParallel(model, find_unused_parameters=True) if world.distributed else model
+    objective = AlignObjective(loss_cfg, 8, world.rank, world.size)
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        mine = {k: v[shard(B, world)] for k, v in batch.items()}
+        mine = objective.inputs(mine)
+        terms = objective(net(mine), mine)
+        terms["loss"].backward()
+    return {"loss": terms["loss"].detach().clone(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
 def main(out: str) -> None:
     world = init_from_env()
     results = {}
-    for local_loss in (False, True):
-        model, batch = model_and_batch()
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        objective = AlignObjective(LossConfig(local_loss=local_loss), 8, world)
-        mine = {k: v[shard(B, world)] for k, v in batch.items()}
-        terms = objective(ddp, mine)
-        terms["loss"].backward()
-        loss = terms["loss"].detach().clone()
-        torch.distributed.all_reduce(loss)
-        results[local_loss] = {"loss": float(loss) / world.size,
-                               "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    for name, loss_cfg in CASES.items():
+        r = run_steps(loss_cfg, world)
+        torch.distributed.all_reduce(r["loss"])
+        results[name] = {"loss": float(r["loss"]) / world.size, "grads": r["grads"]}
     if world.is_main:
         torch.save(results, out)
-    torch.distributed.destroy_process_group()
+    del r
+    leave()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ class PairedTensors:
     def __init__(self, data: PairedData, caption_rows: np.ndarray, text_table: torch.Tensor,
                  caption_groups: torch.Tensor):
         n, t = len(data), data.seq_len
-        self.n = n
+        self.n, self.seq_len = n, t
         self.ids = data.ids
         self.tokens_id = torch.as_tensor(data.tokens_id if data.tokens_id is not None
                                          else np.zeros((n, t), np.int64))
@@ -65,9 +65,12 @@ class EpochSampler:
     """Shuffled batches without replacement; caption paraphrase drawn per sample per epoch."""
 
     def __init__(self, data: PairedTensors, batch_size: int, seed: int, accumulate: int = 1,
-                 shard: slice | None = None):
+                 shard: slice | None = None, token_noise: bool = False):
         self.data, self.batch_size, self.seed = data, min(batch_size, data.n), seed
         self.shard = shard  # distributed: this rank's slice of every global batch (None = all of it)
+        # per-token uniform values for the masked-modeling mask, drawn for the global batch from
+        # (seed, step): the same positions are hidden whatever the number of ranks
+        self.token_noise = token_noise
         self.accumulate = accumulate  # micro-batches per optimizer step
         self.steps_per_epoch = data.n // self.batch_size  # micro-batches; the ragged last one is dropped
         self._epoch, self._perm, self._k = -1, None, None
@@ -85,6 +88,14 @@ class EpochSampler:
             self._k = (u * self.data.n_captions).long()  # (N,) uniform over each sample's captions
             self._epoch = epoch
         idx = self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]  # the global batch
+        noise = None
+        if self.token_noise:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step)
+            noise = torch.rand(len(idx), self.data.seq_len, generator=g)  # (B_global, T)
         if self.shard is not None:
             idx = idx[self.shard]  # every rank draws the same global batch and keeps its own rows
-        return self.data.batch(idx, self._k[idx])
+            noise = noise[self.shard] if noise is not None else None
+        batch = self.data.batch(idx, self._k[idx])
+        if noise is not None:
+            batch["token_noise"] = noise[:, : batch["mask"].shape[1]]
+        return batch

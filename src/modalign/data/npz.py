@@ -329,6 +329,8 @@ def _json_entries(cap_path: Path, text: str) -> list[tuple[str, str, Any, Any]]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{cap_path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # found by tests/test_fuzz.py: the JSONL reader caught it, this one did not
+        raise UserError(f"{cap_path}: bad JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise UserError(f"{cap_path}: expected a JSON object mapping sample id to captions, got {_json_type(obj)}")
     entries = []

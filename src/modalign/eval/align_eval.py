@@ -18,14 +18,18 @@ PROTOCOL_VERSION = 1  # bump when a metric's definition changes: runs of differe
 
 
 @torch.no_grad()
-def embed_split(model, data: PairedTensors, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """-> modality (N, D), text (N, D) float32, L2-normalised; text = each sample's first caption."""
+def embed_split(model, data: PairedTensors, batch_size: int = 1024,
+                device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """-> modality (N, D), text (N, D) float32 on the host, L2-normalised; text = each sample's
+    first caption. Batches go to `device` (the model's)."""
+    from modalign.train.device import to_device
+
     model.eval()
     ms, ts = [], []
     for batch in data.eval_batches(batch_size):
-        m = model.encode_modality(batch).embedding
-        ms.append(m.float())
-        ts.append(model.encode_text(batch["text"]).float())
+        batch = to_device(batch, device or torch.device("cpu"))
+        ms.append(model.encode_modality(batch).embedding.float().cpu())
+        ts.append(model.encode_text(batch["text"]).float().cpu())
     return torch.cat(ms).numpy(), torch.cat(ts).numpy()
 
 
@@ -35,8 +39,8 @@ def class_embeddings(model, prompt_text: torch.Tensor, prompt_class: torch.Tenso
     normalised mean of each class's projected prompts."""
     model.eval()
     z = model.encode_text(prompt_text)  # (P, D)
-    out = torch.zeros(n_classes, z.shape[1]).index_add_(0, prompt_class, z)
-    return torch.nn.functional.normalize(out, dim=-1).numpy()
+    out = torch.zeros(n_classes, z.shape[1], device=z.device).index_add_(0, prompt_class.to(z.device), z)
+    return torch.nn.functional.normalize(out, dim=-1).cpu().numpy()
 
 
 def evaluate_embeddings(modality: np.ndarray, text: np.ndarray, groups: dict[str, np.ndarray],
@@ -59,7 +63,8 @@ def evaluate_embeddings(modality: np.ndarray, text: np.ndarray, groups: dict[str
 
 
 @torch.no_grad()
-def prefix_retrieval(model, data: PairedTensors, groups: np.ndarray, batch_size: int = 1024) -> dict[str, float]:
+def prefix_retrieval(model, data: PairedTensors, groups: np.ndarray, batch_size: int = 1024,
+                     device: torch.device | None = None) -> dict[str, float]:
     """Retrieval with the first k registers of an ordered head kept, k = 1..model.head.n_overlap.
     groups (N,): the headline relevance groups. -> {"registers_{k}/m2t_R@1": ..., ...}: R@1, R@5
     and mAP in both directions for each k."""
@@ -69,7 +74,7 @@ def prefix_retrieval(model, data: PairedTensors, groups: np.ndarray, batch_size:
     try:
         for k in range(1, head.n_overlap + 1):
             head.keep = k
-            m, t = embed_split(model, data, batch_size)
+            m, t = embed_split(model, data, batch_size, device)
             metrics, _ = bidirectional_retrieval(m, t, groups, ks=(1, 5))
             for name in ("m2t_R@1", "m2t_R@5", "m2t_mAP", "t2m_R@1", "t2m_R@5", "t2m_mAP"):
                 out[f"registers_{k}/{name}"] = float(metrics[name])

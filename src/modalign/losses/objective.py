@@ -1,4 +1,14 @@
-"""The `align` recipe's objective: a contrastive loss plus optional auxiliaries, as named terms."""
+"""The `align` recipe's objective: a contrastive loss plus optional auxiliaries, as named terms.
+
+    batch = objective.inputs(batch)     # adds the caption queue's frozen texts when the queue is on
+    out = model(batch)                  # AlignOutput: every tensor a loss needs (DDP sees all of it)
+    terms = objective(out, batch)       # {"loss", "clip", "clip_m2t", ..., "queue", "mlm", ...}
+
+The objective never calls the model. Under torchrun it gathers the features of every rank (the
+global batch is the contrastive batch), fills the caption queue with the gathered global batch, as
+MoCo does, and divides the masked-modeling sum by the global count of masked positions, so every
+term and gradient equals one process on the same global batch.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modalign.losses.contrastive import (TextQueue, clip_loss, masked_token_loss, queue_loss,
-                                         random_token_mask, siglip_loss)
-from modalign.train.distributed import SINGLE, World, gather_features
+from modalign.losses.contrastive import (TextQueue, clip_loss, gather_features, global_count, masked_token_loss,
+                                         queue_loss, siglip_loss)
 
 
 @dataclass
@@ -18,65 +27,62 @@ class LossConfig:
     queue_size: int = 0  # hard-negative memory of recent captions; 0 = off
     queue_weight: float = 0.5  # weight of the queue term (modality -> text over batch + queue)
     mlm_ratio: float = 0.15  # fraction of valid tokens hidden for the masked-modeling auxiliary
-    mlm_weight: float = 0.0  # weight of the masked-modeling term; 0 = off (saves a second forward pass)
+    mlm_weight: float = 0.0  # weight of the masked-modeling term; 0 = off (saves a second encoder pass)
     local_loss: bool = False  # distributed: each rank's own rows against the global batch (open_clip's
     #                           local_loss; same gradient, B_local x B logits per rank instead of B x B)
 
 
 class AlignObjective(nn.Module):
-    """objective(model, batch) -> {"loss", <term>: ...}. Holds the queue, so it has state."""
+    """objective(out, batch) -> {"loss", <term>: ...}. Holds the caption queue, so it has state."""
 
-    def __init__(self, cfg: LossConfig, text_dim: int, world: World = SINGLE):
+    def __init__(self, cfg: LossConfig, text_dim: int, rank: int = 0, world_size: int = 1):
         super().__init__()
         if cfg.kind not in ("clip", "siglip"):
             raise ValueError(f"unknown loss.kind '{cfg.kind}' (expected clip or siglip)")
         self.cfg = cfg
-        self.world = world
+        self.rank, self.world_size = rank, world_size
         self.queue = TextQueue(cfg.queue_size, text_dim) if cfg.queue_size > 0 else None
 
-    def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        """model: the AlignModel, or DistributedDataParallel around it (called once, through forward)."""
-        core = getattr(model, "module", model)
-        out, t, scale, bias = model(batch)  # modality output, text (B, D), logit scale and bias
-        m, aux = out.embedding, out.aux  # (B, D), the head's auxiliary terms
-        mlm = None
-        if self.cfg.mlm_weight > 0:
-            hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio)  # (B, T)
-            tokens = core.encode_modality(batch, masked=hidden).tokens
-            mlm = (core.mlm_head(tokens), hidden)  # (B, T, V or C), (B, T)
-        with torch.autocast("cpu", enabled=False):  # logits and softmax in fp32 even under bf16 autocast
-            return self._terms(core, batch, m.float(), t.float(), scale, bias, mlm, aux)
+    def inputs(self, batch: dict) -> dict:
+        """The training batch the model's forward needs: with the queue's frozen texts (Q, text_dim),
+        a copy, since the push after the loss updates the buffer in place."""
+        if self.queue is None or not self.training:
+            return batch
+        return {**batch, "queue_text": self.queue.text.clone()}
 
-    def _terms(self, model, batch: dict, m: torch.Tensor, t: torch.Tensor, scale, bias, mlm,
-               aux: dict) -> dict[str, torch.Tensor]:
-        groups = batch["groups"]
+    def forward(self, out, batch: dict) -> dict[str, torch.Tensor]:
+        """out: AlignOutput (modality, text (B, D) normalised; scale, bias; queue (Q, D) or None;
+        mlm_pred / mlm_target / mlm_mask or None; aux terms). batch: this rank's batch."""
+        with torch.autocast(out.modality.device.type, enabled=False):  # logits and softmax in fp32 under autocast
+            return self._terms(out, batch)
+
+    def _terms(self, out, batch: dict) -> dict[str, torch.Tensor]:
+        m, t, scale, groups = out.modality.float(), out.text.float(), out.scale, batch["groups"]
+        frozen_text = batch["text"]  # (B, text_dim): what the queue stores
         rows = None
-        if self.world.distributed:  # the global batch: every rank's features, with their gradients
+        if self.world_size > 1:  # the global batch: every rank's features, with their gradients
             local = len(m)
-            m, t, groups = gather_features(m, t, groups, world=self.world)
+            m, t, groups = gather_features(m, t, groups, world_size=self.world_size)
+            if self.queue is not None and out.queue is not None:
+                frozen_text = gather_features(frozen_text.detach(), world_size=self.world_size)[0]
             if self.cfg.local_loss:
-                rows = slice(self.world.rank * local, (self.world.rank + 1) * local)
+                rows = slice(self.rank * local, (self.rank + 1) * local)
         if self.cfg.kind == "clip":
             terms = clip_loss(m, t, scale, groups, rows)
             loss = terms["clip"]
         else:
-            terms = siglip_loss(m, t, scale, bias, groups)
+            terms = siglip_loss(m, t, scale, out.bias, groups)
             loss = terms["siglip"]
-        if self.queue is not None:
-            if self.training:
-                # (Q, D), projected with today's weights; a copy, since push() below updates the buffer in place
-                queued = model.encode_text(self.queue.text.clone())
-                terms["queue"] = queue_loss(m, t, queued, scale, groups, self.queue.groups)
-                loss = loss + self.cfg.queue_weight * terms["queue"]
-                self.queue.push(batch["text"].detach(), groups)
-        if mlm is not None:
-            pred, hidden = mlm
-            has_ids = model.cfg.encoder.vocab_size > 0
-            terms["mlm"] = masked_token_loss(pred, batch["tokens_id"] if has_ids else None,
-                                             batch["tokens_cont"], hidden)
+        if self.queue is not None and out.queue is not None:
+            terms["queue"] = queue_loss(m, t, out.queue.float(), scale, groups, self.queue.groups, rows)
+            loss = loss + self.cfg.queue_weight * terms["queue"]
+            self.queue.push(frozen_text, groups)
+        if out.mlm_pred is not None:
+            count = global_count(out.mlm_mask.sum(), self.world_size) / self.world_size
+            terms["mlm"] = masked_token_loss(out.mlm_pred, out.mlm_target, out.mlm_mask, count)
             loss = loss + self.cfg.mlm_weight * terms["mlm"]
-        for name, term in aux.items():  # e.g. the register head's complementary reconstruction
+        for name, term in out.aux.items():  # e.g. the register head's complementary reconstruction
             terms[name] = term.float()
-            loss = loss + model.head.aux_weight * terms[name]
+            loss = loss + out.aux_weight * terms[name]
         terms["loss"] = loss
         return terms

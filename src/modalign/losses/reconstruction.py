@@ -53,23 +53,3 @@ def autoencode_loss(out: dict, batch: dict, globals_beta: float) -> dict[str, to
     terms["total_loss"] = total
     terms["loss"] = total
     return terms
-
-
-def reconstruction_errors(out: dict, batch: dict) -> dict[str, torch.Tensor]:
-    """Per-example errors (B,) for scores and paired statistics, each a mean over the sample's own
-    valid positions: "rec_ce" (ids), "rec_mse" (continuous), "rec_globals" (when present)."""
-    mask = batch["mask"]  # (B, T)
-    m = mask.float()
-    n = m.sum(1).clamp_min(1)  # (B,)
-    errors = {}
-    with torch.no_grad():
-        if out["rec_ids"] is not None:
-            logits = out["rec_ids"].float()  # (B, T, V)
-            ce = F.cross_entropy(logits.transpose(1, 2), batch["tokens_id"], reduction="none")  # (B, T)
-            errors["rec_ce"] = (ce * m).sum(1) / n
-        if out["rec_cont"] is not None:
-            se = (out["rec_cont"].float() - batch["tokens_cont"].float()).pow(2).mean(2)  # (B, T)
-            errors["rec_mse"] = (se * m).sum(1) / n
-        if out["pred_globals"] is not None:
-            errors["rec_globals"] = (out["pred_globals"].float() - batch["globals"].float()).pow(2).mean(1)
-    return errors

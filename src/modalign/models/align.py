@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.losses.contrastive import random_token_mask
 from modalign.models.encoders import EncoderConfig, build_encoder
 
 
@@ -46,6 +47,7 @@ class AlignModelConfig:
     max_logit_scale: float = 100.0  # CLIP clamps the scale at 100
     siglip_bias: float = -10.0  # SigLIP's initial logit bias (used by the sigmoid loss only)
     mlm_head: bool = False  # predict masked tokens from token features (masked-modeling auxiliary)
+    mlm_ratio: float = 0.15  # fraction of each sample's valid tokens hidden in the masked-modeling pass
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +77,20 @@ class ModalityOutput(NamedTuple):
     aux: dict  # {name: scalar} auxiliary terms of the head (weighted by head.aux_weight)
 
 
+class AlignOutput(NamedTuple):
+    """Everything the losses need from one training forward (see modalign.losses.objective)."""
+    modality: torch.Tensor  # (B, D) L2-normalised modality embeddings
+    text: torch.Tensor  # (B, D) L2-normalised projected caption embeddings
+    scale: torch.Tensor  # () logit scale, exponentiated and clamped
+    bias: torch.Tensor  # () SigLIP logit bias
+    aux: dict  # {name: () term} the head's auxiliary losses
+    aux_weight: float  # their weight (head.aux_weight)
+    queue: torch.Tensor | None  # (Q, D) the caption queue projected with today's weights, when given
+    mlm_pred: torch.Tensor | None  # (B, T, V) id logits or (B, T, C) features at every position
+    mlm_target: torch.Tensor | None  # (B, T) ids or (B, T, C) features to reconstruct
+    mlm_mask: torch.Tensor | None  # (B, T) bool, the positions hidden from the encoder
+
+
 class AlignModel(nn.Module):
     def __init__(self, cfg: AlignModelConfig):
         super().__init__()
@@ -96,13 +112,23 @@ class AlignModel(nn.Module):
         out = self.head(pooled, tokens, batch["mask"], batch["globals"])
         return ModalityOutput(F.normalize(out["embedding"].float(), dim=-1), tokens, out.get("aux", {}))
 
-    def forward(self, batch: dict) -> tuple[ModalityOutput, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One training forward: (modality output, normalised text (B, D), logit scale, logit bias).
-        The objective calls the model through this alone, so DistributedDataParallel sees every
-        parameter the loss uses in the graph of forward's outputs."""
+    def forward(self, batch: dict) -> AlignOutput:
+        """One training forward: every tensor a loss needs, so DistributedDataParallel sees every
+        parameter the loss uses in the graph of forward's outputs. batch may add "queue_text"
+        (Q, text_dim) frozen queue texts to project, and "token_noise" (B, T) uniform values that
+        choose the masked-modeling positions."""
+        mod = self.encode_modality(batch)
+        queue = self.encode_text(batch["queue_text"]) if "queue_text" in batch else None
+        mlm_pred = mlm_target = hidden = None
+        if self.mlm_head is not None and self.training:  # a second encoder pass over masked tokens
+            hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio, batch.get("token_noise"))  # (B, T)
+            tokens = self.encode_modality(batch, masked=hidden).tokens  # (B, T, W)
+            mlm_pred = self.mlm_head(tokens)
+            mlm_target = batch["tokens_id"] if self.cfg.encoder.vocab_size else batch["tokens_cont"]
         # the bias goes out as a clone: a leaf parameter returned as it is gets marked ready twice by
         # DDP's unused-parameter search (once as unused at the end of forward, once by its gradient)
-        return self.encode_modality(batch), self.encode_text(batch["text"]), self.scale(), self.logit_bias.clone()
+        return AlignOutput(mod.embedding, self.encode_text(batch["text"]), self.scale(), self.logit_bias.clone(),
+                           mod.aux, float(getattr(self.head, "aux_weight", 0.0)), queue, mlm_pred, mlm_target, hidden)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         """text (B, text_dim) frozen sentence embeddings -> normalised (B, D)."""

@@ -76,7 +76,8 @@ class VectorQuantizer(nn.Module):
         {"vq_commit": beta * ||z - sg(e)||^2, "vq_codebook": ||sg(z) - e||^2 (0 with EMA)}, each a mean
         over valid positions and dims, and info {"codes" (B, T) long (padding positions get their
         nearest code too: mask them), "perplexity", "usage" (fraction of the K codes used in the
-        batch), "restarted" (int, codes restarted by this call; 0 outside training)}.
+        batch), "restarted" (int, codes restarted by this call; 0 outside training), "sq_error"
+        (B, T) each token's squared distance to its code, mean over dims (per-example VQ terms)}.
         """
         b, t, d = z.shape
         if mask is None:
@@ -102,7 +103,8 @@ class VectorQuantizer(nn.Module):
             restarted = self._update(flat[valid].detach(), codes[valid]) if self.training else 0
 
         info = {"codes": codes.reshape(b, t), "perplexity": perplexity(counts),
-                "usage": (counts > 0).float().mean(), "restarted": restarted}
+                "usage": (counts > 0).float().mean(), "restarted": restarted,
+                "sq_error": (flat - zq).detach().pow(2).mean(1).reshape(b, t)}  # (B, T) per token
         terms = {"vq_commit": commit, "vq_codebook": codebook_term}
         return zq_st.reshape(b, t, d).to(z.dtype), terms, info
 

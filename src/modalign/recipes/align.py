@@ -15,9 +15,10 @@ import numpy as np
 
 from modalign.data.paired import PairedData
 from modalign.errors import UserError
+from modalign.eval.evaluation import Evaluation
 from modalign.recipes.config import to_container
 from modalign.recipes.settings import TextSettings, read_env, read_settings
-from modalign.runs.rundir import RunDir
+from modalign.runs.writer import RunWriter
 
 log = logging.getLogger("modalign")
 
@@ -141,11 +142,11 @@ def init_encoder(encoder, cfg, source: str) -> dict:
 
 
 class AlignRecipe:
-    def __init__(self, cfg, run: RunDir, progress: bool = True, world=None):
+    def __init__(self, cfg, writer: RunWriter, progress: bool = True, world=None):
         from modalign.train.distributed import SINGLE
 
-        self.cfg, self.run, self.show_progress = cfg, run, progress
-        self.world = world or SINGLE  # torchrun: every rank runs the recipe; rank 0's run is the run dir
+        self.cfg, self.writer, self.show_progress = cfg, writer, progress
+        self.world = world or SINGLE  # torchrun: every rank runs the recipe; only rank 0's writer writes
 
     # setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -158,11 +159,14 @@ class AlignRecipe:
         from modalign.models.align import AlignModel
 
         from modalign.train.allocator import state, tune_malloc
+        from modalign.train.device import resolve_device, set_tf32
 
         self.settings = read_settings(self.cfg)
         st = self.settings
         env = read_env(self.cfg)  # under torchrun the command tuned it before gloo's threads started
         self.malloc = state() if self.world.distributed else tune_malloc(env.malloc)
+        self.device = resolve_device(env.device, self.world.local_rank if self.world.distributed else None)
+        set_tf32(env.tf32)
         self.trainer_cfg, self.optim_cfg, self.eval_cfg, self.loss_cfg = st.trainer, st.optim, st.eval, st.loss
         if st.trainer.threads:
             torch.set_num_threads(st.trainer.threads)
@@ -189,15 +193,15 @@ class AlignRecipe:
         self.tensors = {s: PairedTensors(d, self.text.rows(d), table, groups) for s, d in self.splits.items()}
         if self.data.class_prompts is not None:
             rows = [(self.text.index[p], k) for k, ps in enumerate(self.data.class_prompts) for p in ps]
-            self.prompt_text = table[torch.tensor([r for r, _ in rows])]
-            self.prompt_class = torch.tensor([k for _, k in rows])
+            self.prompt_text = table[torch.tensor([r for r, _ in rows])].to(self.device)
+            self.prompt_class = torch.tensor([k for _, k in rows], device=self.device)
 
         self.model_cfg = st.model_config(self.data, text_dim=int(table.shape[1]))
         try:
             self.model = AlignModel(self.model_cfg)
         except ValueError as e:  # a component's check that needs the data (e.g. head.aux_target=globals)
             raise UserError(f"config: {e}") from None
-        self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim, self.world)
+        self.objective = AlignObjective(self.loss_cfg, self.model_cfg.text_dim, self.world.rank, self.world.size)
         self.parents = []
         if st.encoder_init_from is not None:
             self.parents.append(init_encoder(self.model.encoder, self.model_cfg.encoder, st.encoder_init_from))
@@ -206,6 +210,8 @@ class AlignRecipe:
                 raise UserError("config: 'encoder.freeze'=true needs 'encoder.init_from' (a frozen random encoder learns nothing)")
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
+        self.model.to(self.device)
+        self.objective.to(self.device)
 
     def _metric_names(self) -> list[str]:
         """Every evaluation metric this run will report, in the order of evaluate()."""
@@ -219,9 +225,8 @@ class AlignRecipe:
         return names
 
     def setup_training(self) -> None:
-        """The optimizer, schedule, sampler, metrics sink and trainer; records provenance."""
+        """The optimizer, schedule, sampler and trainer, reporting to the run writer; records provenance."""
         from modalign.data.batches import EpochSampler
-        from modalign.runs.rundir import MetricsSink
         from modalign.train.loop import Trainer
         from modalign.train.optim import build_optimizer, build_scheduler
         from modalign.train.progress import TrainProgress
@@ -237,23 +242,23 @@ class AlignRecipe:
             if t.batch_size % world.size:
                 raise UserError(f"config: 'trainer.batch_size'={t.batch_size} must divide by the {world.size} "
                                 "ranks (each trains on an equal shard of the global batch)")
-            if self.loss_cfg.queue_size > 0 or self.loss_cfg.mlm_weight > 0:
-                raise UserError("config: 'loss.queue_size' and 'loss.mlm_weight' must be 0 under torchrun "
-                                "(the caption queue and the masked-modeling pass are single-process for now)")
             shard = shard_of(t.batch_size, world)
-        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed, t.accumulate, shard)
+        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed, t.accumulate, shard,
+                                    token_noise=self.loss_cfg.mlm_weight > 0)
         if self.sampler.batch_size < t.batch_size:
             log.warning("trainer.batch_size=%d is larger than the %d training samples; using %d",
                         t.batch_size, len(self.splits["train"]), self.sampler.batch_size)
 
-        resume = self._resume_payload()
-        # a resumed run keeps the points up to its checkpoint (none if it was killed before the first)
-        keep = int(resume["step"]) if resume is not None else (0 if self.cfg.resume is not None else None)
-        self.sink = MetricsSink(self.run.metrics_path, keep_until_step=keep)
+        # a resumed run continues from rank 0's last.pt (every rank reads it) and keeps the points up
+        # to it (none if it was killed before the first)
+        self.resume = self.writer.load_checkpoint("last.pt") if self.cfg.resume is not None else None
+        if self.resume is not None:
+            log.info("resuming from %s at step %d", self.writer.path / "checkpoints" / "last.pt", self.resume["step"])
+        keep = int(self.resume["step"]) if self.resume is not None else (0 if self.cfg.resume is not None else None)
+        self.writer.open_metrics(keep_until_step=keep)
         progress = None
         if self.show_progress:
-            metric = t.monitor.removeprefix("val/")
-            progress = TrainProgress(f"align {self.run.path.name[:40]}", metric)
+            progress = TrainProgress(f"align {self.writer.path.name[:40]}", t.monitor.removeprefix("val/"))
         describe = {"model_config": self.model_cfg.to_dict(), "recipe": "align",
                     "text_model": self.text.model_id}
         ddp = None
@@ -262,43 +267,32 @@ class AlignRecipe:
 
             # every parameter the loss uses is in forward's graph; find_unused covers the ones a
             # configuration leaves out (e.g. the SigLIP bias under CLIP, a frozen encoder)
-            ddp = DistributedDataParallel(self.model, find_unused_parameters=True)
+            ddp = DistributedDataParallel(self.model, find_unused_parameters=True,
+                                          device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
-                               lambda: self.evaluate("val")[0], t, self.run.checkpoints, [self.sink],
-                               describe=describe, progress=progress, ddp=ddp)
-        self.resume = resume
+                               lambda: self.evaluate("val").metrics, t, [self.writer], describe=describe,
+                               progress=progress, ddp=ddp, device=self.device, world_size=world.size)
         self._write_provenance()
 
     def _has_protocol(self, p: str) -> bool:
         return {"exact_text": True, "same_facts": self.data.facts is not None,
                 "same_label": self.data.labels is not None}[p]
 
-    def _resume_payload(self):
-        from modalign.train.checkpoint import load_checkpoint
-
-        source = self.run.path if self.world.is_main or self.cfg.resume is None else Path(str(self.cfg.resume))
-        last = source / "checkpoints" / "last.pt"  # ranks > 0 read rank 0's run dir, and write a shadow
-        if self.cfg.resume is None or not last.exists():
-            return None
-        payload = load_checkpoint(last)
-        log.info("resuming from %s at step %d", last, payload["step"])
-        return payload
-
     def _write_provenance(self) -> None:
         import torch
 
         from modalign.eval.align_eval import PROTOCOL_VERSION
         from modalign.registry import get_variant
-        from modalign.runs.provenance import code_info, env_info
+        from modalign.runs.provenance import code_info
+        from modalign.train.device import env_info
 
         params = {k: sum(p.numel() for p in ps) for k, ps in self.model.components().items()}
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.run.update(
+        self.writer.update(
             seed=self.cfg.seed,
             variant=get_variant("head", self.model_cfg.head.kind).metadata(),
             code=code_info(),
-            env={**env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()),
-                 "malloc": self.malloc, "world_size": self.world.size, "backend": self.world.backend or None},
+            env=env_info(torch.get_num_threads(), self.device, self.malloc, self.world),
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             text={"model": self.text.model_id, "cache": self.text.stats},
@@ -309,12 +303,13 @@ class AlignRecipe:
         )
 
     # evaluate ---------------------------------------------------------------------------------
-    def evaluate(self, split: str):
-        """-> (metrics, per-example columns, modality (N, D), text (N, D)) on one split."""
+    def evaluate(self, split: str) -> Evaluation:
+        """Retrieval under every protocol and zero-shot accuracy on one split, with both sides'
+        embeddings (N, D)."""
         from modalign.eval.align_eval import class_embeddings, embed_split, evaluate_embeddings
 
         data = self.splits[split]
-        m, t = embed_split(self.model, self.tensors[split], self.eval_cfg.batch_size)
+        m, t = embed_split(self.model, self.tensors[split], self.eval_cfg.batch_size, self.device)
         groups = {p: data.group_ids(p) for p in self.protocols}
         class_text = None
         if self.data.class_prompts is not None and data.labels is not None:
@@ -322,24 +317,27 @@ class AlignRecipe:
                                           len(self.data.class_prompts))
         metrics, per_example = evaluate_embeddings(m, t, groups, self.protocol, class_text, data.labels)
         metrics["logit_scale"] = float(self.model.scale().detach())
-        return metrics, per_example, m, t
+        return Evaluation(metrics, per_example, m, t)
 
     # fit / test / facts -----------------------------------------------------------------------
     def fit(self) -> dict:
         try:
             return self.trainer.fit(self.resume)
         finally:
-            self.sink.close()
+            self.writer.close()
 
-    def test(self) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-        from modalign.train.checkpoint import load_checkpoint
+    def test(self, split: str | None = None) -> Evaluation:
+        """The evaluated split with the best checkpoint (the model as trained when there is none)."""
+        split = split or self.eval_cfg.split
+        best = self.writer.load_checkpoint("best.pt")
+        if best is not None:
+            self.model.load_state_dict(best["model"])
+        return self.evaluate_with_prefixes(split)
 
-        best = self.run.checkpoints / "best.pt"
-        if best.exists():
-            self.model.load_state_dict(load_checkpoint(best)["model"])
-        metrics, per_example, m, t = self.evaluate(self.eval_cfg.split)
-        metrics.update(self.evaluate_prefixes(self.eval_cfg.split))
-        return metrics, per_example, m, t
+    def evaluate_with_prefixes(self, split: str) -> Evaluation:
+        ev = self.evaluate(split)
+        ev.metrics.update(self.evaluate_prefixes(split))
+        return ev
 
     def evaluate_prefixes(self, split: str) -> dict[str, float]:
         """For a head with ordered registers (`n_overlap`): retrieval under the headline protocol
@@ -350,15 +348,17 @@ class AlignRecipe:
             return {}
         data = self.splits[split]
         return prefix_retrieval(self.model, self.tensors[split], data.group_ids(self.protocol),
-                                self.eval_cfg.batch_size)
+                                self.eval_cfg.batch_size, self.device)
 
-    def write_facts(self, fit: dict, test: tuple, wall: float) -> dict:
-        from modalign.runs.facts import write_run_facts
+    def write_facts(self, fit: dict, test: Evaluation, wall: float) -> dict:
+        from modalign.runs.facts import build_summary
 
-        metrics, per_example, m, t = test
         split = self.eval_cfg.split
-        return write_run_facts(self.run, split, metrics, per_example, self.splits[split],
-                               m, t, self.eval_cfg.export_embeddings, fit, wall, self.chance(split))
+        summary = build_summary(self.writer.run.info(), self.writer.run.read_metrics(), split, test.metrics, fit,
+                                wall, self.chance(split))
+        self.writer.write_facts(summary, split, self.splits[split], test.per_example, test.modality, test.text,
+                                self.eval_cfg.export_embeddings)
+        return summary
 
     def chance(self, split: str) -> dict[str, float]:
         """R@1 of a random ranking under each protocol, and zero-shot accuracy of a random guess."""
@@ -373,11 +373,13 @@ class AlignRecipe:
             out["zeroshot_acc"] = 1.0 / len(self.data.class_prompts)
         return out
 
-    def __call__(self) -> float:
+    def __call__(self) -> float | None:
         t0 = time.perf_counter()
         self.setup()
         self.setup_training()
         fit = self.fit()
+        if not self.world.is_main:
+            return None  # the test and the facts are rank 0's: the other ranks are done
         test = self.test()
         wall = time.perf_counter() - t0 + self.trainer.seconds_before  # a resumed run counts its earlier sessions
         summary = self.write_facts(fit, test, wall)
@@ -385,10 +387,10 @@ class AlignRecipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m modalign.recipes.align [overrides] — the same as `modalign train`."""
-    from modalign.cli import main as cli_main
+    """python -m modalign.recipes.align [--quiet] [overrides] — the same as `modalign train`."""
+    from modalign.recipes.launch import train_command
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return train_command("align", sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

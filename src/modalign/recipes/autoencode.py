@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from modalign.errors import UserError
+from modalign.eval.evaluation import Evaluation
 from modalign.recipes.align import load_data
 from modalign.recipes.config import check_range, to_container, typed
 from modalign.recipes.settings import read_encoder, read_env, read_training
-from modalign.runs.rundir import RunDir
+from modalign.runs.writer import RunWriter
 
 log = logging.getLogger("modalign")
 COMPONENTS = ("encoder", "bottleneck", "decoder", "globals_head")
@@ -34,8 +35,11 @@ class AutoencodeEval:
 
 
 class AutoencodeRecipe:
-    def __init__(self, cfg, run: RunDir, progress: bool = True):
-        self.cfg, self.run, self.show_progress = cfg, run, progress
+    def __init__(self, cfg, writer: RunWriter, progress: bool = True, world=None):
+        from modalign.train.distributed import SINGLE
+
+        self.cfg, self.writer, self.show_progress = cfg, writer, progress
+        self.world = world or SINGLE
 
     def setup(self) -> None:
         import torch
@@ -46,6 +50,7 @@ class AutoencodeRecipe:
         from modalign.models.autoencoder import AutoencoderConfig, BottleneckConfig, ModalityAutoencoder
         from modalign.models.quantizer import VQConfig
         from modalign.train.allocator import tune_malloc
+        from modalign.train.device import resolve_device, set_tf32
 
         cfg = self.cfg
         self.seed, self.trainer_cfg, self.optim_cfg = read_training(cfg, COMPONENTS)
@@ -70,10 +75,12 @@ class AutoencodeRecipe:
             raise UserError(f"config: 'globals_beta' must be a number >= 0, got {beta!r}")
         self.globals_beta = float(beta)
         decoder_depth, head_hidden = cfg.decoder.depth, cfg.globals_head.hidden
-        check_range("decoder.depth", decoder_depth, min_value=1)
+        check_range("decoder.depth", decoder_depth, min_value=0)  # 0: a per-token linear read-out
         check_range("globals_head.hidden", head_hidden, min_value=1)
         t = self.trainer_cfg
         self.malloc = tune_malloc(env.malloc)
+        self.device = resolve_device(env.device)
+        set_tf32(env.tf32)
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(self.seed)
@@ -98,10 +105,14 @@ class AutoencodeRecipe:
         beta_ = self.globals_beta
 
         class Objective(nn.Module):  # stateless; a module so the trainer can checkpoint it like any other
-            def forward(self, model, batch):
-                return autoencode_loss(model(batch), batch, beta_)
+            def inputs(self, batch):
+                return batch
+
+            def forward(self, out, batch):
+                return autoencode_loss(out, batch, beta_)
 
         self.objective = Objective()
+        self.model.to(self.device)
         if t.monitor.removeprefix("val/") not in self.metric_names():
             raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
                             f"(have: {', '.join('val/' + m for m in self.metric_names())})")
@@ -115,13 +126,11 @@ class AutoencodeRecipe:
         if self.data.globals is not None:
             names.append("rec_globals")
         if self.model_cfg.bottleneck.kind == "vq":
-            names += ["vq_perplexity", "vq_usage"]
+            names += ["vq_commit", "vq_codebook", "vq_perplexity", "vq_usage"]
         return names
 
     def setup_training(self) -> None:
         from modalign.data.batches import EpochSampler
-        from modalign.runs.rundir import MetricsSink
-        from modalign.train.checkpoint import load_checkpoint
         from modalign.train.loop import Trainer
         from modalign.train.optim import build_optimizer, build_scheduler
         from modalign.train.progress import TrainProgress
@@ -130,118 +139,120 @@ class AutoencodeRecipe:
         opt = build_optimizer(self.model.components(), self.optim_cfg)
         sched = build_scheduler(opt, self.optim_cfg, t.max_steps)
         self.sampler = EpochSampler(self.tensors["train"], t.batch_size, self.seed, t.accumulate)
-        last = self.run.checkpoints / "last.pt"
-        self.resume = load_checkpoint(last) if self.cfg.resume is not None and last.exists() else None
+        self.resume = self.writer.load_checkpoint("last.pt") if self.cfg.resume is not None else None
         keep = int(self.resume["step"]) if self.resume is not None else (0 if self.cfg.resume is not None else None)
-        self.sink = MetricsSink(self.run.metrics_path, keep_until_step=keep)
-        progress = TrainProgress(f"autoencode {self.run.path.name[:36]}", t.monitor.removeprefix("val/")) \
+        self.writer.open_metrics(keep_until_step=keep)
+        progress = TrainProgress(f"autoencode {self.writer.path.name[:36]}", t.monitor.removeprefix("val/")) \
             if self.show_progress else None
         describe = {"model_config": self.model_cfg.to_dict(), "recipe": "autoencode"}
         self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
-                               lambda: self.evaluate("val")[0], t, self.run.checkpoints, [self.sink],
-                               describe=describe, progress=progress)
+                               lambda: self.evaluate("val").metrics, t, [self.writer], describe=describe,
+                               progress=progress, device=self.device)
         self._write_provenance()
 
     def _write_provenance(self) -> None:
         import torch
 
-        from modalign.runs.provenance import code_info, env_info
+        from modalign.eval.reconstruction import PROTOCOL_VERSION
+        from modalign.runs.provenance import code_info
+        from modalign.train.device import env_info
 
         params = {k: sum(p.numel() for p in ps) for k, ps in self.model.components().items()}
         b = self.model_cfg.bottleneck
-        self.run.update(
+        self.writer.update(
             seed=self.seed,
-            variant={"name": f"bottleneck={b.kind}", "created_by": "modalign", "model": None, "date": None,
-                     "experiment_id": None, "version": code_info()["package_version"]},
+            variant={"name": f"bottleneck={b.kind}", "created_by": "modalign maintainers", "model": None,
+                     "date": None, "experiment_id": None, "version": code_info()["package_version"]},
             code=code_info(),
-            env={**env_info(torch.__version__, str(self.cfg.env.device), torch.get_num_threads()), "malloc": self.malloc},
+            env=env_info(torch.get_num_threads(), self.device, self.malloc),
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             parents=[], globals_beta=self.globals_beta,
-            eval={"protocol": "reconstruction", "version": 1, "split": self.eval_cfg.split,
+            eval={"protocol": "reconstruction", "version": PROTOCOL_VERSION, "split": self.eval_cfg.split,
                   "metrics": self.metric_names()},
             params={"total": sum(params.values()),
                     "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                     "by_component": params},
         )
 
-    def evaluate(self, split: str):
-        """-> (metrics, per-example errors, vq code counts or None) on one split."""
+    def evaluate(self, split: str) -> Evaluation:
+        """Every reconstruction metric on one split: the means of the per-example scores
+        (modalign.eval.reconstruction), and the VQ codebook's perplexity and usage over the split."""
         import torch
 
-        from modalign.losses.reconstruction import autoencode_loss, reconstruction_errors
+        from modalign.eval.reconstruction import reconstruction_scores
         from modalign.models.quantizer import codebook_usage, perplexity
+        from modalign.train.device import to_device
 
         self.model.eval()
-        sums: dict[str, float] = {}
+        vq = self.model_cfg.bottleneck.vq
         per: dict[str, list] = {}
         counts = None
-        n = 0
-        correct = total = 0
         with torch.no_grad():
             for batch in self.tensors[split].eval_batches(self.eval_cfg.batch_size):
+                batch = to_device(batch, self.device)
                 out = self.model(batch)
-                terms = autoencode_loss(out, batch, self.globals_beta)
-                bsz = len(batch["index"])
-                for k in ("total_loss", "rec_tokens", "rec_ce", "rec_mse", "rec_globals"):
-                    if k in terms:
-                        sums[k] = sums.get(k, 0.0) + float(terms[k]) * bsz
-                for k, v in reconstruction_errors(out, batch).items():
-                    per.setdefault(k, []).append(v.numpy())
-                if out["rec_ids"] is not None and self.data.tokens_id is not None:
-                    hit = (out["rec_ids"].argmax(-1) == batch["tokens_id"]) & batch["mask"]
-                    correct += int(hit.sum())
-                    total += int(batch["mask"].sum())
+                for k, v in reconstruction_scores(out, batch, self.globals_beta, vq.commitment_cost, vq.ema).items():
+                    per.setdefault(k, []).append(v.cpu().numpy())
                 if out["vq_info"]:
-                    c = codebook_usage(out["vq_info"]["codes"], batch["mask"], self.model_cfg.bottleneck.vq.codebook_size)
+                    c = codebook_usage(out["vq_info"]["codes"], batch["mask"], vq.codebook_size).cpu()
                     counts = c if counts is None else counts + c
-                n += bsz
         self.model.train()
-        metrics = {k: v / n for k, v in sums.items()}
-        if total:
-            metrics["token_acc"] = correct / total
+        per_example = {k: np.concatenate(v) for k, v in per.items()}
+        metrics = {k: float(v.mean()) for k, v in per_example.items()}
         if counts is not None:
             metrics["vq_perplexity"] = float(perplexity(counts))
             metrics["vq_usage"] = float((counts > 0).float().mean())
-        per_example = {k: np.concatenate(v) for k, v in per.items()}
-        return metrics, per_example, (None if counts is None else counts.numpy())
+        return Evaluation(metrics, per_example, extra={"codes": None if counts is None else counts.numpy()})
+
+    def test(self, split: str | None = None) -> Evaluation:
+        """The evaluated split with the best checkpoint (the model as trained when there is none)."""
+        best = self.writer.load_checkpoint("best.pt")
+        if best is not None:
+            self.model.load_state_dict(best["model"])
+        return self.evaluate(split or self.eval_cfg.split)
+
+    def chance(self, split: str) -> dict[str, float]:
+        return {}
+
+    def write_facts(self, fit: dict, test: Evaluation, wall: float) -> dict:
+        from modalign.report.figures import plot_codebook_usage
+        from modalign.runs.facts import build_summary
+
+        split = self.eval_cfg.split
+        summary = build_summary(self.writer.run.info(), self.writer.run.read_metrics(), split, test.metrics, fit,
+                                wall, chance={})
+        self.writer.write_facts(summary, split, self.splits[split], test.per_example)
+        if test.extra.get("codes") is not None:
+            self.writer.figure(lambda d: plot_codebook_usage(test.extra["codes"], d / "codebook_usage.png"))
+        self.writer.figure(lambda d: self._plot_reconstructions(split, d / "reconstructions.png"))
+        return summary
 
     def __call__(self) -> float:
-        from modalign.report.figures import plot_codebook_usage
-        from modalign.runs.facts import write_run_facts
-        from modalign.train.checkpoint import load_checkpoint
-
         t0 = time.perf_counter()
         self.setup()
         self.setup_training()
         try:
             fit = self.trainer.fit(self.resume)
         finally:
-            self.sink.close()
-        best = self.run.checkpoints / "best.pt"
-        if best.exists():
-            self.model.load_state_dict(load_checkpoint(best)["model"])
-        split = self.eval_cfg.split
-        metrics, per_example, counts = self.evaluate(split)
+            self.writer.close()
+        test = self.test()
         wall = time.perf_counter() - t0 + self.trainer.seconds_before
-        summary = write_run_facts(self.run, split, metrics, per_example, self.splits[split], None, None, False,
-                                  fit, wall, chance={})
-        if counts is not None:
-            plot_codebook_usage(counts, self.run.figures / "codebook_usage.png")
-        self._plot_reconstructions(split)
-        return summary[split][self.trainer_cfg.monitor.removeprefix("val/")]
+        summary = self.write_facts(fit, test, wall)
+        return summary[self.eval_cfg.split][self.trainer_cfg.monitor.removeprefix("val/")]
 
-    def _plot_reconstructions(self, split: str) -> None:
+    def _plot_reconstructions(self, split: str, path) -> None:
         import torch
 
         from modalign.report.figures import plot_reconstructions
+        from modalign.train.device import to_device
 
-        batch = self.tensors[split].batch(torch.arange(min(4, self.tensors[split].n)))
+        batch = to_device(self.tensors[split].batch(torch.arange(min(4, self.tensors[split].n))), self.device)
         self.model.eval()
         with torch.no_grad():
             out = self.model(batch)
-        rec_ids = None if out["rec_ids"] is None else out["rec_ids"].argmax(-1).numpy()
-        rec_cont = None if out["rec_cont"] is None else out["rec_cont"].float().numpy()
-        plot_reconstructions(batch["tokens_id"].numpy() if self.data.tokens_id is not None else None, rec_ids,
-                             batch["tokens_cont"].numpy() if self.data.tokens_cont is not None else None, rec_cont,
-                             batch["mask"].numpy(), self.splits[split].ids[:4], self.run.figures / "reconstructions.png")
+        rec_ids = None if out["rec_ids"] is None else out["rec_ids"].argmax(-1).cpu().numpy()
+        rec_cont = None if out["rec_cont"] is None else out["rec_cont"].float().cpu().numpy()
+        plot_reconstructions(batch["tokens_id"].cpu().numpy() if self.data.tokens_id is not None else None, rec_ids,
+                             batch["tokens_cont"].cpu().numpy() if self.data.tokens_cont is not None else None,
+                             rec_cont, batch["mask"].cpu().numpy(), self.splits[split].ids[:4], path)

@@ -29,7 +29,8 @@ def compose(overrides: list[str], config_name: str = "align", return_hydra_confi
                                  return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException, ValueError, TypeError) as e:
         # ValueError/TypeError: Hydra's own, e.g. a config group set to a number (trainer=5)
-        raise UserError(f"config: {_explain(e, overrides)}") from None
+        group = _non_name_group(overrides) if isinstance(e, (ValueError, TypeError)) else None
+        raise UserError(f"config: {group or _explain(e, overrides)}") from None
 
 
 def plugin_searchpath() -> list[str]:
@@ -54,6 +55,22 @@ def _explain(e: BaseException, overrides: list[str]) -> str:
     if type(e).__name__ == "OverrideParseException":
         return f"cannot parse the overrides {' '.join(overrides)!r}: {_first_line(e)}"
     return _first_line(e)
+
+
+def _non_name_group(overrides: list[str]) -> str | None:
+    """A config group set to something other than an option name (trainer=5, data=null,
+    head=[1,2]), which Hydra reports without naming the group: the line that names it."""
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for o in overrides:
+        key, _, value = o.partition("=")
+        group, value = key.lstrip("+~"), value.strip()
+        name = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value) and value not in ("null", "true", "false")
+        if (conf / group).is_dir() and not name:
+            options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+            return f"'{group}' must name one of its options ({', '.join(options)}), got {value!r}"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,12 +6,7 @@ after every fact is on disk, `failed` with the error line, `interrupted` on Ctrl
 from __future__ import annotations
 
 import logging
-import os
-import re
-import shutil
-import socket
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -79,12 +74,13 @@ def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
 
 def start_run(resolved: dict, overrides: list[str], recipe: str, path: Path | None = None):
     """Create the run directory (a fresh one under outputs/runs, or `path` for a sweep job) and
-    write cfg.yaml, overrides.yaml and run.json (status running). -> (cfg, RunDir)."""
+    write cfg.yaml, overrides.yaml and run.json (status running). -> (cfg, RunWriter)."""
     from omegaconf import OmegaConf
 
     from modalign.recipes.config import compose, to_container
     from modalign.runs.card import config_diff
-    from modalign.runs.rundir import RunDir, atomic_write_text, new_run_path, now_iso
+    from modalign.runs.rundir import new_run_path, now_iso
+    from modalign.runs.writer import RunWriter
 
     # the defaults of the same data group, so the card's diff shows what the user changed
     defaults = to_container(compose([o for o in overrides if o.split("=")[0] == "data"], root_config(recipe)), "",
@@ -96,15 +92,13 @@ def start_run(resolved: dict, overrides: list[str], recipe: str, path: Path | No
             path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"outputs={resolved['outputs']}: cannot create a run directory there ({e.strerror})") from None
-    run = RunDir(path)
-    run.init_dirs()
+    writer = RunWriter(path)
     cfg = OmegaConf.create(resolved)
-    atomic_write_text(path / "cfg.yaml", OmegaConf.to_yaml(cfg))
-    atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    run.write_info({"id": path.name, "name": resolved["name"], "recipe": recipe, "status": "running",
-                    "error": None, "created_at": now_iso(), "finished_at": None, "seed": resolved.get("seed"),
-                    "config_diff": config_diff(defaults, resolved)})
-    return cfg, run
+    writer.create(OmegaConf.to_yaml(cfg), OmegaConf.to_yaml(OmegaConf.create(list(overrides))),
+                  {"id": path.name, "name": resolved["name"], "recipe": recipe, "status": "running",
+                   "error": None, "created_at": now_iso(), "finished_at": None, "seed": resolved.get("seed"),
+                   "config_diff": config_diff(defaults, resolved)})
+    return cfg, writer
 
 
 def new_run(overrides: list[str], recipe: str):
@@ -118,7 +112,7 @@ def new_run(overrides: list[str], recipe: str):
 
 RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience",
              "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads", "trainer.on_nonfinite",
-             "trainer.max_nonfinite_skips"}
+             "trainer.max_nonfinite_skips", "env.device"}  # another device: equal to float tolerance (docs/reliability.md)
 
 
 def flat_items(d: dict, prefix: str = ""):
@@ -156,7 +150,7 @@ def resume_run(target: str, overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from modalign.runs.rundir import RunDir, atomic_write_text
+    from modalign.runs.writer import RunWriter
 
     p = Path(target)
     if not p.exists():
@@ -166,8 +160,8 @@ def resume_run(target: str, overrides: list[str]):
         run_path = run_path.parent
     if not (run_path / "cfg.yaml").exists() or not (run_path / "run.json").exists():
         raise UserError(f"resume={target}: not a run directory (no cfg.yaml and run.json in {run_path})")
-    run = RunDir(run_path)
-    if run_info(run).get("status") == "completed":
+    writer = RunWriter(run_path)
+    if run_info(writer.run).get("status") == "completed":
         raise UserError(f"resume={target}: the run is already completed; raise trainer.max_steps in a new run instead")
     cfg = load_yaml(run_path / "cfg.yaml")
     current = dict(flat_items(OmegaConf.to_container(cfg)))
@@ -188,79 +182,66 @@ def resume_run(target: str, overrides: list[str]):
     except OmegaConfBaseException as e:
         raise UserError(f"resume: {str(e).splitlines()[0]}") from None
     cfg.resume = str(run_path)
-    atomic_write_text(run_path / "cfg.yaml", OmegaConf.to_yaml(cfg))
-    run.update(status="running", error=None, finished_at=None)
-    return cfg, run
+    writer.write_config(OmegaConf.to_yaml(cfg))
+    writer.set_status("running")
+    return cfg, writer
 
 
-def attach_log(run_path: Path) -> logging.Handler:
-    logger = logging.getLogger("modalign")
-    logger.setLevel(logging.INFO)
-    h = logging.FileHandler(run_path / "run.log", encoding="utf-8")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(h)
-    return h
-
-
-def execute(cfg, run, quiet: bool, keep_failed: bool = False, world=None):
-    """Run the recipe in `run`; keep run.json's status honest. -> (exit code, summary or None)."""
-    from modalign.runs.card import write_card
+def execute(cfg, writer, quiet: bool, keep_failed: bool = False, world=None):
+    """Run the recipe into `writer`'s run; keep run.json's status honest. -> (exit code, summary or
+    None; None on ranks > 0, which write nothing)."""
     from modalign.runs.rundir import read_json
-
     from modalign.train.checkpoint import CheckpointWriteError
+    from modalign.train.distributed import SINGLE
     from modalign.train.loop import STOP, Preempted
 
-    handler = attach_log(run.path)
+    world = world or SINGLE
+    writer.attach_log()
     log = logging.getLogger("modalign")
-    log.info("run %s: %s", run.path, " ".join(sys.argv))
-    if world is not None and world.distributed:
-        if str(cfg.recipe) != "align":
-            raise UserError(f"torchrun: the {cfg.recipe} recipe runs in a single process for now (use align)")
-        recipe = recipe_class("align")(cfg, run, progress=not quiet, world=world)
-    else:
-        recipe = recipe_class(str(cfg.recipe))(cfg, run, progress=not quiet)
-    trained = lambda: any(run.checkpoints.glob("*.pt"))  # noqa: E731
+    log.info("run %s: %s", writer.path, " ".join(sys.argv))
+    if world.distributed and str(cfg.recipe) != "align":
+        raise UserError(f"torchrun: the {cfg.recipe} recipe runs in a single process for now (use align)")
+    recipe = recipe_class(str(cfg.recipe))(cfg, writer, progress=not quiet, world=world)
     STOP.clear()
     previous = _on_sigterm(lambda *_: STOP.set())
     try:
         recipe()
-        run.set_status("completed")
-        summary = read_json(run.facts / "summary.json")
-        write_card(run, summary)  # again, now that run.json says completed
+        writer.set_status("completed")
+        if not writer.writes:
+            return 0, None
+        summary = read_json(writer.run.facts / "summary.json")
+        writer.write_card(summary)  # again, now that run.json says completed
         return 0, summary
     except UserError as e:
         log.error("%s", e)
-        if cfg.resume is None and not trained() and not keep_failed:
-            logging.getLogger("modalign").removeHandler(handler)
-            handler.close()
-            shutil.rmtree(run.path, ignore_errors=True)  # nothing was trained: leave no half run behind
+        if cfg.resume is None and not writer.has_checkpoint() and not keep_failed:
+            writer.discard()  # nothing was trained: leave no half run behind
         else:
-            run.set_status("failed", str(e))
+            writer.set_status("failed", str(e))
         raise
     except Preempted as e:
-        run.set_status("interrupted", str(e))
+        writer.set_status("interrupted", str(e))
         log.error("%s", e)
-        print(f"modalign: {e}; continue with: modalign train resume={run.path}", file=sys.stderr)
+        print(f"modalign: {e}; continue with: modalign train resume={writer.path}", file=sys.stderr)
         return 143, None  # 128 + SIGTERM, as a killed process would report
     except CheckpointWriteError as e:  # e.g. no space left: resumable once there is room again
-        run.set_status("interrupted", str(e))
+        writer.set_status("interrupted", str(e))
         log.error("%s", e)
-        print(f"modalign: {e}; make room, then continue with: modalign train resume={run.path}", file=sys.stderr)
+        print(f"modalign: {e}; make room, then continue with: modalign train resume={writer.path}", file=sys.stderr)
         return 1, None
     except KeyboardInterrupt:
-        run.set_status("interrupted", "interrupted by the user")
+        writer.set_status("interrupted", "interrupted by the user")
         log.error("interrupted")
         raise
     except Exception as e:
         line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log.error("run failed: %s\n%s", line, traceback.format_exc())
-        run.set_status("failed", line)
-        print(f"modalign: run failed: {line} (traceback in {run.path / 'run.log'})", file=sys.stderr)
+        writer.set_status("failed", line)
+        print(f"modalign: run failed: {line} (traceback in {writer.path / 'run.log'})", file=sys.stderr)
         return 1, None
     finally:
         _on_sigterm(previous)
-        logging.getLogger("modalign").removeHandler(handler)
-        handler.close()
+        writer.detach_log()
 
 
 def _on_sigterm(handler):
@@ -273,33 +254,11 @@ def _on_sigterm(handler):
     return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 
-
-
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
-
-
-def _remove_dead_shadows() -> None:
-    """Remove the shadow directories that ranks of this host left behind when they were killed (a
-    rank that torchrun SIGKILLs after a peer died never reaches its `finally`). Only directories
-    whose process is gone: a live or foreign process (PermissionError) keeps its own."""
-    pattern = re.compile(rf"modalign-rank\d+-{re.escape(_HOST)}-pid(\d+)-")
-    for d in Path(tempfile.gettempdir()).glob(f"modalign-rank*-{_HOST}-pid*-*"):
-        m = pattern.match(d.name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def run_distributed(overrides: list[str], recipe: str, quiet: bool, world):
     """Every torchrun rank calls this. Rank 0 creates (or resumes) the run directory and shares its
-    path; the other ranks train in step with it, reading the run's config and checkpoints and writing
-    only to a shadow directory that is removed at the end. -> (exit code, rank 0's run, summary)."""
-    from modalign.runs.rundir import RunDir
+    path; the other ranks train in step with it through a writer that writes nothing, reading the
+    run's config and checkpoints. -> (exit code, summary on rank 0 else None, the writer)."""
+    from modalign.runs.writer import RunWriter
     from modalign.train.distributed import broadcast_object
 
     if recipe != "align":
@@ -307,24 +266,74 @@ def run_distributed(overrides: list[str], recipe: str, quiet: bool, world):
     resume, overrides = split_resume(overrides)
     if world.is_main:
         try:
-            cfg, run = resume_run(resume, overrides) if resume else new_run(overrides, recipe)
-            broadcast_object(str(run.path), world)
+            cfg, writer = resume_run(resume, overrides) if resume else new_run(overrides, recipe)
+            broadcast_object(str(writer.path), world)
         except UserError as e:
             broadcast_object(UserError(str(e)), world)  # the other ranks stop with the same line
             raise
-        return (*execute(cfg, run, quiet, world=world)[:1], run)
+        return (*execute(cfg, writer, quiet, world=world), writer)
     got = broadcast_object(None, world)
     if isinstance(got, UserError):
         raise got
-    _remove_dead_shadows()
-    shadow = Path(tempfile.mkdtemp(prefix=f"modalign-rank{world.rank}-{_HOST}-pid{os.getpid()}-"))
+    writer = RunWriter(Path(got), rank=world.rank)
+    cfg = load_yaml(writer.path / "cfg.yaml")  # written by rank 0 before it shared the path
+    return (*execute(cfg, writer, quiet=True, world=world), writer)
+
+
+def train_command(recipe: str, argv: list[str]) -> int:
+    """`modalign train` and `python -m modalign.recipes.<recipe>`: one run, or one rank of a
+    torchrun launch. argv: [--quiet] and overrides. -> the exit code."""
+    from modalign.train.allocator import mode_from_overrides, tune_malloc
+
+    quiet = any(a in ("--quiet", "-q") for a in argv)
+    overrides = [a for a in argv if a not in ("--quiet", "-q")]
+    tune_malloc(mode_from_overrides(overrides))  # before torch is imported or gloo starts a thread
+    from modalign.train.distributed import from_env
+
+    if from_env().distributed:
+        return _train_distributed(recipe, overrides, quiet)
+    resume, overrides = split_resume(overrides)
+    cfg, writer = resume_run(resume, overrides) if resume else new_run(overrides, recipe)
+    code, summary = execute(cfg, writer, quiet)
+    _print_result(writer, summary, quiet, code)
+    return code
+
+
+def _train_distributed(recipe: str, overrides: list[str], quiet: bool) -> int:
+    from modalign.train.distributed import init_from_env, leave
+
+    world = init_from_env()
+    code = 1
     try:
-        for name in ("cfg.yaml", "run.json", "overrides.yaml"):
-            shutil.copyfile(Path(got) / name, shadow / name)
-        for sub in ("facts", "figures", "checkpoints"):
-            (shadow / sub).mkdir()
-        cfg = load_yaml(shadow / "cfg.yaml")
-        code, _ = execute(cfg, RunDir(shadow), quiet=True, world=world)
-        return code, None
+        code, summary, writer = run_distributed(overrides, recipe, quiet, world)
+        if world.is_main:
+            _print_result(writer, summary, quiet, code)
+            if code == 0 and not quiet:
+                print(f"trained on {world.size} ranks, each on 1/{world.size} of every global batch")
+        return code
     finally:
-        shutil.rmtree(shadow, ignore_errors=True)
+        leave(clean=code == 0)
+
+
+def _print_result(writer, summary: dict | None, quiet: bool, code: int) -> None:
+    """A finished run: its path (--quiet), or its headline test metrics beside chance."""
+    if code != 0:
+        return
+    if quiet:
+        print(writer.path)
+        return
+    from rich.console import Console
+
+    from modalign.analysis.metrics import PRINTED
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    split = summary.get("split", "test")
+    res, chance = summary.get(split, {}), summary.get("chance", {})
+    console.print(f"[bold]run[/bold] {writer.path}")
+    console.print(f"relevance protocol: {summary.get('protocol')}; {summary.get('steps')} steps in "
+                  f"{summary.get('train_seconds', 0):.0f} s ({summary.get('precision')})")
+    for k in PRINTED.get(summary.get("recipe"), ()):
+        if k in res:
+            c = chance.get(k)
+            tail = f"   (chance {c:.4f})" if c is not None else ""
+            console.print(f"  {split} {k:<20} {res[k]:.3f}{tail}")

@@ -6,6 +6,7 @@ A bad value is a UserError naming its key before any data is loaded or any capti
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,16 +40,20 @@ class TextSettings:
 
 @dataclass
 class EnvSettings:
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda when visible, else cpu) | cpu | cuda | cuda:N | mps
+    tf32: bool = False  # TF32 matmuls on Ampere+ GPUs; off so that fp32 means fp32
     malloc: str = "tuned"  # tuned | default: glibc keeps freed memory for reuse (modalign.train.allocator)
 
 
+DEVICE_FORM = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+
+
 def read_env(cfg) -> EnvSettings:
-    """The `env` group: where and how the process runs."""
+    """The `env` group: where and how the process runs. Whether the device exists is checked when
+    the recipe places the model (modalign.train.device.resolve_device)."""
     env = typed(EnvSettings, to_container(cfg.env, "env") if "env" in cfg else {}, "env")
-    if env.device != "cpu":
-        raise UserError(f"config: 'env.device' is {env.device!r}; modalign trains on the CPU in this release "
-                        "(GPU placement is not implemented yet, see docs/scale-out.md)")
+    if not DEVICE_FORM.match(env.device):
+        raise UserError(f"config: 'env.device' is {env.device!r}; expected cpu, cuda, cuda:N, mps or auto")
     check_range("env.malloc", env.malloc, choices=("tuned", "default"))
     return env
 
@@ -76,7 +81,8 @@ class AlignSettings:
                                       n_globals=data.n_globals, max_len=max(512, data.seq_len))
         return AlignModelConfig(encoder=encoder, head=self.head, text_dim=text_dim,
                                 text_projection=self.text_projection, init_temperature=self.init_temperature,
-                                max_logit_scale=self.max_logit_scale, mlm_head=self.loss.mlm_weight > 0)
+                                max_logit_scale=self.max_logit_scale, mlm_head=self.loss.mlm_weight > 0,
+                                mlm_ratio=self.loss.mlm_ratio)
 
 
 def read_training(cfg, components: tuple[str, ...]) -> tuple[int, "TrainerConfig", "OptimConfig"]:
@@ -96,7 +102,7 @@ def read_training(cfg, components: tuple[str, ...]) -> tuple[int, "TrainerConfig
                      ("checkpoint_every", 0), ("keep_checkpoints", 0), ("grad_clip", 0), ("threads", 0),
                      ("early_stop_patience", 0), ("max_nonfinite_skips", 0)):
         check_range(f"trainer.{key}", getattr(t, key), min_value=low)
-    check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16"))
+    check_range("trainer.precision", t.precision, choices=("auto", "fp32", "bf16", "fp16"))
     check_range("trainer.monitor_mode", t.monitor_mode, choices=("max", "min"))
     check_range("trainer.on_nonfinite", t.on_nonfinite, choices=("stop", "skip"))
     groups = {}

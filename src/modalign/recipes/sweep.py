@@ -54,15 +54,25 @@ def experiment_recipe(overrides: list[str]) -> str:
     return "align"
 
 
-def sweep_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """{key: values} of the command line's sweep overrides (a=1,2 or a=range(3))."""
+def sweep_overrides(overrides: list[str], where: str = "the overrides") -> dict[str, list[str]]:
+    """{key: values} of the sweep overrides among `overrides`, parsed as Hydra parses them: comma
+    lists (a=1,2, with quoted commas kept: a="x,y",z), range(), choice(), glob(). interval() is a
+    continuous range an optimizing sweeper samples; a grid cannot enumerate it, so it is refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # OverrideParseException
-        raise UserError(f"cannot parse the overrides {' '.join(overrides)!r}: {str(e).splitlines()[0]}") from None
-    return {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+        raise UserError(f"cannot parse {where} {' '.join(overrides)!r}: {str(e).splitlines()[0]}") from None
+    grid = {}
+    for o in parsed:
+        if not o.is_sweep_override():
+            continue
+        if o.is_interval_sweep():
+            raise UserError(f"{where}: '{o.input_line}' is an interval, which a grid cannot enumerate; "
+                            "list the values (a=0.1,0.3), or use range(start,stop,step)")
+        grid[o.get_key_element()] = list(o.sweep_string_iterator())
+    return grid
 
 
 def first_job(overrides: list[str], grid: dict[str, list[str]]) -> list[str]:
@@ -84,7 +94,10 @@ def plan(overrides: list[str]) -> dict:
     fixed = [o for o in overrides if o.split("=", 1)[0] not in cli_grid]
     cfg = compose(fixed, root_config(recipe), return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params) if cfg.hydra.sweeper.get("params") else {}
-    grid = {k: [s.strip() for s in str(v).split(",")] for k, v in (params or {}).items()}
+    where = f"experiment {experiment_file(overrides) or 'config'}: hydra.sweeper.params"
+    lines = [f"{k}={v}" for k, v in (params or {}).items()]
+    grid = sweep_overrides(lines, where)
+    grid.update({k: [str(v)] for k, v in (params or {}).items() if k not in grid})  # a single value
     grid.update(cli_grid)
     job0 = first_job(fixed, grid)
     resolved = to_container(compose(job0, root_config(recipe)), "")
@@ -98,9 +111,11 @@ def plan(overrides: list[str]) -> dict:
     n = 1
     for values in grid.values():
         n *= len(values)
-    default_metric, default_mode = ("test/m2t_R@1", "max") if recipe == "align" else ("test/total_loss", "min")
-    return {"recipe": recipe, "name": name, "metric": meta.get("metric", default_metric),
-            "mode": meta.get("mode", default_mode), "grid": grid, "n_jobs": n, "outputs": resolved["outputs"]}
+    from modalign.analysis.metrics import default_metric, mode
+
+    metric = meta.get("metric", default_metric(recipe))
+    return {"recipe": recipe, "name": name, "metric": metric,
+            "mode": meta.get("mode", mode(metric)), "grid": grid, "n_jobs": n, "outputs": resolved["outputs"]}
 
 
 def new_sweep_dir(outputs: str, name: str) -> Path:
@@ -259,13 +274,13 @@ def sweep_job(cfg) -> float | None:
         if previous is not None and (out / "checkpoints" / "last.pt").exists():
             from modalign.recipes.launch import resume_run
 
-            run_cfg, run = resume_run(str(out), [])
+            run_cfg, writer = resume_run(str(out), [])
         else:
             if out.exists():
                 shutil.rmtree(out)  # a job that failed before its first checkpoint starts again
             resolved = check_resolved(to_container(cfg, ""), overrides, recipe)
-            run_cfg, run = start_run(resolved, overrides, recipe, path=out)
-        execute(run_cfg, run, quiet, keep_failed=True)
+            run_cfg, writer = start_run(resolved, overrides, recipe, path=out)
+        execute(run_cfg, writer, quiet, keep_failed=True)
     except UserError as e:
         _record_failure(out, overrides, recipe, str(e))
     except Exception as e:  # noqa: BLE001 — a bug in one job must not stop the sweep
@@ -274,21 +289,22 @@ def sweep_job(cfg) -> float | None:
 
 
 def _record_failure(out: Path, overrides: list[str], recipe: str, error: str) -> None:
-    from modalign.runs.rundir import RunDir, atomic_write_json, atomic_write_text, now_iso
+    from modalign.runs.rundir import now_iso
+    from modalign.runs.writer import RunWriter
 
     out.mkdir(parents=True, exist_ok=True)
-    run = RunDir(out)
-    if run.run_json.exists():
+    writer = RunWriter(out)
+    if writer.run.run_json.exists():
         try:
-            run.set_status("failed", error)
+            writer.set_status("failed", error)
             return
         except (OSError, ValueError):
             pass
     import yaml
 
-    atomic_write_text(out / "overrides.yaml", yaml.safe_dump(list(overrides)))
-    atomic_write_json(run.run_json, {"id": out.name, "recipe": recipe, "status": "failed", "error": error,
-                                     "created_at": now_iso(), "finished_at": now_iso()})
+    writer.record_failure(yaml.safe_dump(list(overrides)),
+                          {"id": out.name, "recipe": recipe, "status": "failed", "error": error,
+                           "created_at": now_iso(), "finished_at": now_iso()})
 
 
 def _metric(out: Path, cfg) -> float | None:

@@ -23,21 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from modalign.analysis.compare import describe, has_scores, mismatches, paired_comparison
+from modalign.analysis.compare import mismatches
 from modalign.analysis.criteria import Criteria, judge, parse_criteria
-from modalign.analysis.groups import Group, find_group, group_runs
+from modalign.analysis.groups import Group, group_runs
 from modalign.errors import UserError
-from modalign.runs.facts import smaller_is_better
+from modalign.analysis.metrics import default_metric, full_name, headline, larger_is_better
+from modalign.analysis.recommend import recommend
 from modalign.runs.index import RunRecord, find_runs
-
-HEADLINE = {"align": ("test/m2t_R@1", "test/t2m_R@1", "test/zeroshot_acc"),
-            "autoencode": ("test/total_loss", "test/rec_tokens", "test/rec_globals")}
-DEFAULT_METRIC = {"align": "test/m2t_R@1", "autoencode": "test/total_loss"}
-
-
-def full_metric(name: str) -> str:
-    """'m2t_R@1' -> 'test/m2t_R@1'; names with a split prefix stay as they are."""
-    return name if name.startswith(("test/", "val/", "train/")) else f"test/{name}"
 
 
 @dataclass
@@ -59,6 +51,8 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     variants: list[dict] = field(default_factory=list)  # one row per group: its variant's metadata
     registers: dict[str, list[dict]] = field(default_factory=dict)  # group -> stats per registers kept
+    n_resamples: int = 10_000  # every bootstrap of the report: tables, verdicts, comparisons, plots
+    random_state: int = 0
 
     def display(self, record: RunRecord) -> str:
         return _relative(record.path, self.sources)
@@ -127,23 +121,24 @@ def collect(paths: list[Path], metric: str | None = None, baseline: str | None =
                 break
 
     sweep_metric = next((info.get("metric") for _, info in sweeps if info.get("metric")), None)
-    chosen = full_metric(metric or sweep_metric or (criteria.metric if criteria else DEFAULT_METRIC.get(recipe, "test/m2t_R@1")))
+    chosen = full_name(metric or sweep_metric or (criteria.metric if criteria else default_metric(recipe)))
     completed = [r for r in records if r.status == "completed"]
     if metric is not None and completed and all(r.metric(chosen) is None for r in completed):
         known = sorted({k for r in completed for k in (r.summary or {}).get("test", {})})
         raise UserError(f"--metric {metric}: no completed run has it (test metrics: {', '.join(known[:12])}...)")
-    mode_max = not smaller_is_better(chosen)
+    mode_max = larger_is_better(chosen)
     for _, info in sweeps:
-        if info.get("metric") and full_metric(info["metric"]) == chosen and info.get("mode") in ("max", "min"):
+        if info.get("metric") and full_name(info["metric"]) == chosen and info.get("mode") in ("max", "min"):
             mode_max = info["mode"] == "max"
 
     title = " + ".join(str(info.get("name") or src.name) for src, info in sweeps) or ", ".join(s.name for s in sources)
     groups = group_runs(records)
-    metrics = [chosen] + [m for m in HEADLINE.get(recipe, ()) if m != chosen]
-    if criteria is not None and full_metric(criteria.metric) not in metrics:
-        metrics.append(full_metric(criteria.metric))
+    metrics = [chosen] + [full_name(m) for m in headline(recipe) if full_name(m) != chosen]
+    if criteria is not None and full_name(criteria.metric) not in metrics:
+        metrics.append(full_name(criteria.metric))
     metrics = [m for m in metrics if any(r.metric(m) is not None for r in completed)] or [chosen]
-    rep = Report(title, sources, chosen, mode_max, records, groups, metrics, missing, criteria)
+    rep = Report(title, sources, chosen, mode_max, records, groups, metrics, missing, criteria,
+                 n_resamples=n_resamples, random_state=random_state)
 
     from modalign.analysis.comparability import config_diff
 
@@ -156,7 +151,7 @@ def collect(paths: list[Path], metric: str | None = None, baseline: str | None =
             rep.warnings.append(f"runs fall into {len(sets)} comparable sets; set {sets[0]} and set {s} are never "
                                 f"compared with each other: {why}")
     _verdicts(rep, n_resamples, random_state)
-    _recommend(rep, baseline, n_resamples, random_state)
+    rep.recommendations, rep.comparisons = recommend(groups, chosen, mode_max, baseline, n_resamples, random_state)
     _variants(rep)
     _registers(rep, n_resamples, random_state)
     return rep
@@ -197,7 +192,7 @@ def _registers(rep: Report, n_resamples: int, random_state: int) -> None:
 def _verdicts(rep: Report, n_resamples: int, random_state: int) -> None:
     if rep.criteria is None:
         return
-    m = full_metric(rep.criteria.metric)
+    m = full_name(rep.criteria.metric)
     for g in rep.groups:
         st = g.stats(m, n_resamples, random_state)
         if st["n"] == 0:
@@ -209,66 +204,6 @@ def _verdicts(rep: Report, n_resamples: int, random_state: int) -> None:
         rep.verdicts.append({"group": g.label, "metric": m, "n": st["n"], "estimate": st["mean"],
                              "low": st["ci_low"], "high": st["ci_high"], "verdict": v.verdict, "next": v.next,
                              "note": v.note, "line": v.line(m, st["mean"], st["ci_low"], st["ci_high"])})
-
-
-def _ranked(rep: Report, groups: list[Group]) -> list[tuple[Group, dict]]:
-    scored = [(g, g.stats(rep.metric, 2_000)) for g in groups]
-    scored = [(g, s) for g, s in scored if s["n"] > 0]
-    return sorted(scored, key=lambda gs: -gs[1]["mean"] if rep.larger_is_better else gs[1]["mean"])
-
-
-def _fmt_ci(st: dict) -> str:
-    if math.isnan(st["ci_low"]):
-        return f"{st['mean']:.3f} (1 run)"
-    return f"{st['mean']:.3f} [{st['ci_low']:.3f}, {st['ci_high']:.3f}] over {st['n']} runs"
-
-
-def _recommend(rep: Report, baseline: str | None, n_resamples: int, random_state: int) -> None:
-    direction = "higher" if rep.larger_is_better else "lower"
-    paired = rep.metric.startswith("test/") and bool(rep.groups) and \
-        all(has_scores(g, rep.metric) for g in rep.groups if g.completed)
-    if baseline is not None:
-        base = find_group(rep.groups, baseline)
-        if base is None:
-            labels = "; ".join(g.label for g in rep.groups)
-            raise UserError(f"--baseline {baseline}: no such group or run (groups: {labels})")
-        others = [g for g in rep.groups if g is not base and g.comparable_set == base.comparable_set and g.completed]
-        if others and paired:
-            rep.comparisons = paired_comparison(base, others, rep.metric, n_resamples, random_state)
-            for row in rep.comparisons:
-                rep.recommendations.append(describe(row) + (" (Holm-corrected over "
-                                                            f"{len(rep.comparisons)} candidates)" if len(rep.comparisons) > 1 else ""))
-    for s in sorted({g.comparable_set for g in rep.groups}):
-        ranked = _ranked(rep, [g for g in rep.groups if g.comparable_set == s])
-        prefix = f"[set {s}] " if len({g.comparable_set for g in rep.groups}) > 1 else ""
-        if not ranked:
-            rep.recommendations.append(f"{prefix}No completed run has {rep.metric}: nothing to recommend.")
-            continue
-        best, st = ranked[0]
-        if len(ranked) == 1:
-            rep.recommendations.append(f"{prefix}One configuration ({best.label}): {rep.metric} {_fmt_ci(st)}; "
-                                       "nothing to compare it with.")
-            continue
-        runner, st2 = ranked[1]
-        line = (f"{prefix}Best on {rep.metric} ({direction} is better): {best.label}, {_fmt_ci(st)}; "
-                f"runner-up {runner.label}, {_fmt_ci(st2)}.")
-        if paired and baseline is None:
-            row = paired_comparison(runner, [best], rep.metric, n_resamples, random_state)[0]
-            rep.comparisons.append(row)
-            better = row["p_value"] < 0.05 and (row["diff"] > 0) == rep.larger_is_better
-            verdict = ("It is significantly better than the runner-up" if better else
-                       "It is not significantly better than the runner-up: treat them as tied until more "
-                       "seeds or a larger test set separate them")
-            line += f" {verdict}: {describe(row)}."
-        elif not paired:
-            line += " No per-example scores for this metric, so no paired test; "
-            if math.isnan(st["ci_low"]) or math.isnan(st2["ci_low"]):
-                line += "with a single run per group there is no CI either: add seeds to separate them."
-            elif st["ci_low"] > st2["ci_high"] or st2["ci_low"] > st["ci_high"]:
-                line += "the CIs over runs do not overlap."
-            else:
-                line += "the CIs over runs overlap: not separated."
-        rep.recommendations.append(line)
 
 
 # tables ----------------------------------------------------------------------------------------
@@ -297,7 +232,10 @@ def runs_table(rep: Report) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def groups_table(rep: Report, n_resamples: int = 10_000, random_state: int = 0) -> pd.DataFrame:
+def groups_table(rep: Report, n_resamples: int | None = None, random_state: int | None = None) -> pd.DataFrame:
+    """One row per group: each metric's mean, std, n, bootstrap CI and IQM (the report's --resamples)."""
+    n_resamples = rep.n_resamples if n_resamples is None else n_resamples
+    random_state = rep.random_state if random_state is None else random_state
     rows = []
     for g in rep.groups:
         row = {"group": g.label, "set": g.comparable_set, **{k: v for k, v in g.params.items()},

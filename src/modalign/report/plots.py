@@ -13,7 +13,6 @@ from modalign.analysis.pareto import pareto_front
 from modalign.analysis.stats import bootstrap_ci
 from modalign.report.figures import _plt
 
-BAND_RESAMPLES = 2_000  # per-step CI bands: many steps, and a band is drawn, not read off
 
 
 def _save(fig, path: Path) -> Path:
@@ -39,7 +38,7 @@ def _curve(run_path: Path, split: str, name: str) -> dict[int, float]:
     return out
 
 
-def _band(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _band(curves: list[dict[int, float]], n_resamples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """-> steps, mean, low, high over the steps every run logged (low = high = mean for one run)."""
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     mean, low, high = [], [], []
@@ -48,7 +47,7 @@ def _band(curves: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.nd
         if not np.all(np.isfinite(vals)):
             mean.append(np.nan), low.append(np.nan), high.append(np.nan)
             continue
-        m, lo, hi = bootstrap_ci(vals, n_resamples=BAND_RESAMPLES, random_state=s)
+        m, lo, hi = bootstrap_ci(vals, n_resamples=n_resamples, random_state=s)
         mean.append(m), low.append(m if math.isnan(lo) else lo), high.append(m if math.isnan(hi) else hi)
     return np.array(steps), np.array(mean), np.array(low), np.array(high)
 
@@ -63,7 +62,7 @@ def plot_curves(rep, path: Path) -> Path | None:
         for g in rep.groups:
             curves = [c for c in (_curve(r.path, split, name) for r in g.completed) if c]
             if curves:
-                data[(split, name, g.label)] = _band(curves)
+                data[(split, name, g.label)] = _band(curves, rep.n_resamples)
     if not data:
         return None
     plt = _plt()
@@ -90,7 +89,7 @@ def plot_by_group(rep, path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(groups) + 2), 3.8))
     for i, g in enumerate(groups):
-        st = g.stats(rep.metric, BAND_RESAMPLES)
+        st = g.stats(rep.metric, rep.n_resamples, rep.random_state)
         lo = st["mean"] - st["ci_low"] if not math.isnan(st["ci_low"]) else 0
         hi = st["ci_high"] - st["mean"] if not math.isnan(st["ci_high"]) else 0
         ax.errorbar(i, st["mean"], yerr=[[lo], [hi]], fmt="D", color=f"C{i % 10}", ms=7, capsize=6, lw=1.5)

@@ -3,8 +3,6 @@ scored, and where it came from."""
 
 from __future__ import annotations
 
-from modalign.runs.rundir import RunDir, atomic_write_text
-
 
 def flatten(d, prefix: str = "") -> dict:
     """Nested dict -> {"a.b.c": value}; lists stay values."""
@@ -30,8 +28,8 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
-def write_card(run: RunDir, summary: dict) -> None:
-    info = run.info()
+def card_text(info: dict, summary: dict) -> str:
+    """card.md of a run from its run.json and facts/summary.json."""
     data = info.get("data", {})
     ev = info.get("eval", {})
     lines = [f"# {info.get('id')}", "",
@@ -65,4 +63,4 @@ def write_card(run: RunDir, summary: dict) -> None:
               f"- environment: {env.get('host')}, python {env.get('python')}, torch {env.get('torch')}, "
               f"{env.get('device')}, {env.get('threads')} threads",
               f"- parents: {info.get('parents') or 'none'}", ""]
-    atomic_write_text(run.path / "card.md", "\n".join(lines))
+    return "\n".join(lines)

@@ -36,9 +36,9 @@ def code_info() -> dict:
     return info
 
 
-def env_info(torch_version: str | None, device: str, threads: int) -> dict:
-    return {"host": platform.node(), "python": sys.version.split()[0], "torch": torch_version,
-            "device": device, "threads": threads, "platform": platform.platform(),
+def host_info() -> dict:
+    """The machine and interpreter (run.json env; the device side is modalign.train.device.env_info)."""
+    return {"host": platform.node(), "python": sys.version.split()[0], "platform": platform.platform(),
             "cpu_count": os.cpu_count()}
 
 

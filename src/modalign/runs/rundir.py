@@ -1,10 +1,11 @@
-"""The run directory: layout, atomic writes, status, and the metrics sink. No torch.
+"""The run directory: its layout, reading it, and atomic writes. No torch.
 
     outputs/runs/<YYYYmmdd-HHMMSS>_<recipe>_<name>/
         cfg.yaml overrides.yaml run.json run.log metrics.jsonl card.md
         facts/{summary.json, scores.parquet, embeddings.npz}  figures/*.png  checkpoints/
 
-See docs/run-directory.md for the contract.
+See docs/run-directory.md for the contract. `modalign.runs.writer.RunWriter` is the only thing that
+writes a run directory; this module is the read side and the atomic-write primitives.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from modalign import faults
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 
@@ -99,28 +97,8 @@ class RunDir:
     def figures(self) -> Path:
         return self.path / "figures"
 
-    def init_dirs(self) -> None:
-        for d in (self.checkpoints, self.facts, self.figures):
-            d.mkdir(parents=True, exist_ok=True)
-
     def info(self) -> dict:
         return read_json(self.run_json)
-
-    def write_info(self, info: dict) -> None:
-        atomic_write_json(self.run_json, info)
-
-    def update(self, **fields) -> dict:
-        info = self.info()
-        info.update(fields)
-        self.write_info(info)
-        return info
-
-    def set_status(self, status: str, error: str | None = None) -> None:
-        assert status in STATUSES
-        fields = {"status": status, "error": error}
-        if status != "running":
-            fields["finished_at"] = now_iso()
-        self.update(**fields)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -132,37 +110,6 @@ class RunDir:
             except json.JSONDecodeError:
                 break  # a line cut by a kill: everything after it is gone too
         return rows
-
-
-class MetricsSink:
-    """Appends {"step","epoch","split","name","value","time"} lines to metrics.jsonl."""
-
-    def __init__(self, path: Path, keep_until_step: int | None = None):
-        self.path = Path(path)
-        if keep_until_step is not None:
-            self.truncate(keep_until_step)
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def truncate(self, step: int) -> None:
-        """Keep only points at or before `step` (a resumed run rewrites what came after its checkpoint)."""
-        rows = RunDir(self.path.parent).read_metrics() if self.path.exists() else []
-        kept = [r for r in rows if r["step"] <= step and r["split"] in ("train", "val")]  # final evaluation is redone
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def log(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None:
-        t = time.time()
-        lines = [json.dumps({"step": step, "epoch": epoch, "split": split, "name": k, "value": float(v),
-                             "time": round(t, 3)}) for k, v in values.items()]
-        text = "\n".join(lines) + "\n"
-        if faults.hit("kill:metrics_line"):  # a kill half-way through a line (see modalign.train.faults)
-            self._f.write(text[: len(text) // 2])
-            self._f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        self._f.write(text)
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 def host() -> str:

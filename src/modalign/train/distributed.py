@@ -1,17 +1,19 @@
-"""Distributed data parallel training: the process group, and the feature gather of the
-contrastive loss (in the manner of open_clip's `gather_features`, kept apart from the loss).
+"""Distributed data parallel training: joining torchrun's process group, sharding the global
+batch, and leaving cleanly. The feature gather of the contrastive loss lives with the losses
+(`modalign.losses.contrastive.gather_features`).
 
     torchrun --nproc-per-node 2 -m modalign.recipes.align trainer.batch_size=256 ...
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init_from_env` joins the group (gloo: CPU). Each rank trains on its shard of every global batch (batch_size / world samples),
-the model is wrapped in DistributedDataParallel, and the contrastive loss sees the global batch:
-features are gathered from all ranks with their gradients, so the logits are the single-process
-logits and the gradients equal a single process on the same global batch. Only rank 0 writes the
-run directory.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init_from_env` joins the group. Where CUDA exists
+the group has two backends, gloo for CPU tensors and nccl for CUDA tensors (each rank then trains
+on the GPU of its LOCAL_RANK); elsewhere it is gloo alone. Each rank trains on its shard of every
+global batch (batch_size / world samples), the model is wrapped in DistributedDataParallel, and the
+losses see the global batch. Only rank 0 writes the run directory (`modalign.runs.writer`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -24,7 +26,6 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    backend: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -43,15 +44,16 @@ def from_env() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
-    # gloo: modalign trains on the CPU today; nccl comes with GPU placement (docs/scale-out.md)
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")), "gloo")
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init_from_env() -> World:
     """Join torchrun's process group once; -> the world (SINGLE when not under torchrun)."""
     world = from_env()
     if world.distributed and not dist.is_initialized():
-        dist.init_process_group(backend=world.backend, rank=world.rank, world_size=world.size)
+        # nccl joins lazily, at the first collective on a CUDA tensor: a CPU run never starts it
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
     return world
 
 
@@ -64,35 +66,33 @@ def broadcast_object(obj, world: World):
     return box[0]
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
-
-
-def gather_features(*tensors: torch.Tensor, world: World) -> list[torch.Tensor]:
-    """Each local tensor (B_local, ...) -> the global one (B, ...), rank 0's rows first.
-
-    Gradients flow back to every rank's own rows (the autograd all-gather reduce-scatters, i.e.
-    sums over ranks, the gradient of each rank's slice in its backward). Every rank then computes the
-    same global loss, and DistributedDataParallel's gradient average gives the single-process
-    gradient: each rank's local gradient is world x its share, divided by world.
-    """
-    if not world.distributed:
-        return list(tensors)
-    from torch.distributed._functional_collectives import all_gather_single_autograd
-
-    out = []
-    for t in tensors:
-        if t.requires_grad:
-            out.append(all_gather_single_autograd(t.contiguous(), gather_dim=0, group=dist.group.WORLD))
-        else:  # e.g. caption group ids: no gradient to carry
-            parts = [torch.empty_like(t) for _ in range(world.size)]
-            dist.all_gather(parts, t.contiguous())
-            out.append(torch.cat(parts, dim=0))
-    return out
-
-
 def shard(n: int, world: World) -> slice:
     """Rank's contiguous slice of a global batch of n samples (n divisible by the world size)."""
     per = n // world.size
     return slice(world.rank * per, (world.rank + 1) * per)
+
+
+# The tensor of the last collective, alive until the process ends. Why: gloo's worker thread drops
+# its reference to a finished collective's tensors a moment after the caller's wait() returns. When
+# the Python tensor is already gone by then, that drop has to take the GIL to free it; if the
+# interpreter is finalizing, Python ends the worker thread inside a noexcept destructor and the
+# process aborts (`terminate called without an active exception`, SIGABRT, exit -6): 1 launch in
+# 4-12 here, always after the work was done (a core dump showed ProcessGroupGloo::runLoop ->
+# ~AsyncAllreduceWork -> decref_pyobject -> take_gil -> pthread_exit). With the tensor still
+# referenced, the drop is a plain reference count and needs no GIL.
+_LAST = torch.zeros(1)
+
+
+def leave(clean: bool = True) -> None:
+    """Leave the process group so that a finished launch exits 0: free what still holds the group
+    (a DistributedDataParallel's reducer, pending collectives), wait until every rank got here (on
+    a tensor that outlives the process, see _LAST), then destroy it.
+    clean=False (this rank failed): no waiting for ranks that may be stuck in another collective."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if clean:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        dist.all_reduce(_LAST)  # a barrier on the CPU backend (dist.barrier would start nccl)
+    dist.destroy_process_group()

@@ -1,10 +1,13 @@
-"""The training loop. It knows no file format: metrics go to sinks, state to checkpoints.
+"""The training loop. It knows no file format and writes no file: metric points and "checkpoint
+due" go to sinks (the run writer is one), early stopping and non-finite handling are small policies.
 
-    trainer = Trainer(model, objective, optimizer, scheduler, sampler, evaluate, cfg, ckpt_dir, sinks)
+    trainer = Trainer(model, objective, optimizer, scheduler, sampler, evaluate, cfg, sinks)
     trainer.fit(resume=payload_or_None)
 
-objective(batch) -> dict of named loss terms, with "loss" the one that is minimised;
-sampler.batch(micro_step) -> batch dict; evaluate() -> dict of validation metrics.
+objective.inputs(batch) -> the batch the model's forward needs (e.g. with the caption queue);
+model(batch) -> the outputs every loss needs; objective(outputs, batch) -> dict of named loss
+terms, "loss" the one minimised; sampler.batch(micro_step) -> batch dict on the host;
+evaluate() -> dict of validation metrics.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from modalign.train import checkpoint as ckpt
 from modalign import faults
+from modalign.train.checkpoint import rng_state, set_rng_state
+from modalign.train.device import autocast, grad_scaler, resolve_precision, to_device
 
 
 @dataclass
@@ -30,7 +33,7 @@ class TrainerConfig:
     batch_size: int = 256  # the contrastive batch: each sample's negatives are the other 255
     accumulate: int = 1  # micro-batches per optimizer step; each micro-batch is its own contrastive batch
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    precision: str = "auto"  # fp32 | bf16 | auto (bf16 autocast where the CPU has bf16 units: ~2.3x faster here)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA, with loss scaling) | auto (bf16 where the hardware has it)
     eval_every: int = 50  # steps between validation passes (and last.pt writes)
     log_every: int = 10  # steps between train-metric points
     checkpoint_every: int = 0  # also keep step_<n>.pt every n steps; 0 = only best.pt and last.pt
@@ -44,23 +47,12 @@ class TrainerConfig:
 
 
 class Sink(Protocol):
+    """Where the trainer reports. `state` is called only by a sink that writes the checkpoint."""
+
     def log(self, step: int, epoch: int, split: str, values: dict[str, float]) -> None: ...
 
-
-def bf16_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision='{precision}' (expected fp32, bf16 or auto)")
-    return precision
+    def checkpoint(self, name: str, state: Callable[[], dict], step: int, metric: float | None = None,
+                   keep: int | None = None) -> None: ...
 
 
 def grad_norms(components: dict[str, list[nn.Parameter]]) -> dict[str, float]:
@@ -85,62 +77,124 @@ class Preempted(Exception):
 STOP = threading.Event()
 
 
+@dataclass
+class EarlyStopping:
+    """Tracks the monitored validation metric: the best value and step, and the validation passes
+    since it last improved. patience 0 never stops."""
+    mode: str = "max"
+    patience: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped: bool = False
+
+    def update(self, value: float, step: int) -> bool:
+        """-> True when `value` is a new best (the caller then keeps best.pt)."""
+        improved = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if improved:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        self.stopped = self.patience > 0 and self.bad_evals >= self.patience
+        return improved
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "stopped_early": self.stopped}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.best, self.best_step, self.bad_evals = s["best"], s["best_step"], int(s["bad_evals"])
+        self.stopped = bool(s.get("stopped_early", False))
+
+
+@dataclass
+class NonFinitePolicy:
+    """A step whose loss or gradient is NaN/inf: `stop` raises NonFiniteLoss, `skip` drops the
+    update (the batch and the schedule move on) until more than `max_skips` were skipped."""
+    action: str = "stop"
+    max_skips: int = 10
+    skips: int = 0
+
+    def handle(self, step: int, bad_terms: list[str], bad_grads: list[str], last_saved: int | None) -> None:
+        """Raise NonFiniteLoss with a line naming what went non-finite, or count one skip."""
+        what = f"loss term '{bad_terms[0]}'" if bad_terms else f"the gradient of '{bad_grads[0]}'"
+        where = f"non-finite gradients in: {', '.join(bad_grads)}" if bad_grads else "gradients finite"
+        if self.action == "skip" and self.skips < self.max_skips:
+            self.skips += 1
+            return
+        limit = (f"; {self.skips} steps already skipped (trainer.max_nonfinite_skips={self.max_skips})"
+                 if self.action == "skip" else "")
+        kept = f"checkpoints/last.pt (step {last_saved})" if last_saved is not None else "none yet"
+        hint = "" if self.action == "skip" else "; trainer.on_nonfinite=skip skips such steps"
+        raise NonFiniteLoss(f"{what} is not finite at step {step} ({where}){limit}; the last good "
+                            f"checkpoint is {kept}{hint}")
+
+
 class Trainer:
     def __init__(self, model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, sampler, evaluate: Callable[[], dict[str, float]], cfg: TrainerConfig,
-                 ckpt_dir: Path | None, sinks: list[Sink], describe: dict | None = None,
-                 progress=None, ddp: nn.Module | None = None):
+                 sinks: list[Sink], describe: dict | None = None, progress=None, ddp: nn.Module | None = None,
+                 device: torch.device | None = None, world_size: int = 1):
         self.model, self.objective, self.opt, self.sched = model, objective, optimizer, scheduler
         self.ddp = ddp  # DistributedDataParallel around model (torchrun), or None
+        self.world_size = world_size
         self.sampler, self.evaluate, self.cfg = sampler, evaluate, cfg
-        self.ckpt_dir, self.sinks, self.describe = ckpt_dir, sinks, describe or {}
+        self.sinks, self.describe = sinks, describe or {}
         self.progress = progress  # modalign.train.progress.TrainProgress or None
-        self.precision = resolve_precision(cfg.precision)
-        self.step, self.best, self.best_step, self.bad_evals = 0, None, None, 0
-        self.stopped_early = False
-        self.nonfinite_skips = 0  # steps skipped for a non-finite loss or gradient (on_nonfinite=skip)
+        self.device = device or torch.device("cpu")
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.scaler = grad_scaler(self.device, self.precision)
+        self.early = EarlyStopping(cfg.monitor_mode, cfg.early_stop_patience)
+        self.nonfinite = NonFinitePolicy(cfg.on_nonfinite, cfg.max_nonfinite_skips)
+        self.step = 0
+        self.last_saved: int | None = None  # step of the last last.pt handed to the sinks
         self.seconds_before = 0.0  # training time of earlier sessions of a resumed run
         self._t_start = time.perf_counter()
 
     # state ------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {
+        """The checkpoint payload: enough to continue exactly where this step ends."""
+        out = {
             **self.describe,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": rng_state(),
             "step": self.step,
             "epoch": self.sampler.epoch_of(self.step),
-            "trainer": {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                        "stopped_early": self.stopped_early, "nonfinite_skips": self.nonfinite_skips,
+            "trainer": {**self.early.state_dict(), "nonfinite_skips": self.nonfinite.skips,
                         "train_seconds": self.seconds_before + time.perf_counter() - self._t_start},
         }
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
 
     def load_state(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
         self.objective.load_state_dict(payload["objective"])
-        self.opt.load_state_dict(payload["optimizer"])
+        self.opt.load_state_dict(payload["optimizer"])  # moves its state to the parameters' device
         self.sched.load_state_dict(payload["scheduler"])
-        ckpt.set_rng_state(payload["rng"])
-        self.step = int(payload["step"])
+        set_rng_state(payload["rng"])
+        if self.scaler is not None and "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
+        self.step = self.last_saved = int(payload["step"])
         t = payload["trainer"]
-        self.best, self.best_step, self.bad_evals = t["best"], t["best_step"], int(t["bad_evals"])
+        self.early.load_state_dict(t)
         self.seconds_before = float(t.get("train_seconds", 0.0))
-        self.stopped_early = bool(t.get("stopped_early", False))
-        self.nonfinite_skips = int(t.get("nonfinite_skips", 0))
+        self.nonfinite.skips = int(t.get("nonfinite_skips", 0))
 
-    def _save(self, name: str, metric: float | None = None) -> None:
-        if self.ckpt_dir is not None:
-            ckpt.save_checkpoint(self.ckpt_dir, name, self.state(), step=self.step, metric=metric)
+    @property
+    def best(self) -> float | None:
+        return self.early.best
+
+    def _checkpoint(self, name: str, metric: float | None = None, keep: int | None = None) -> None:
+        for sink in self.sinks:
+            sink.checkpoint(name, self.state, step=self.step, metric=metric, keep=keep)
+        if name == "last.pt":
+            self.last_saved = self.step
 
     # loop -------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _train_step(self) -> dict[str, float]:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
@@ -148,15 +202,17 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         net = self.ddp if self.ddp is not None else self.model
         for micro in range(acc):
-            batch = self.sampler.batch(self.step * acc + micro)
+            batch = to_device(self.sampler.batch(self.step * acc + micro), self.device)
+            batch = self.objective.inputs(batch)
             # DDP averages gradients once per optimizer step: not after every micro-batch
             sync = self.ddp.no_sync() if self.ddp is not None and micro < acc - 1 else contextlib.nullcontext()
             with sync:
-                with self._autocast():
-                    terms = self.objective(net, batch)
+                with autocast(self.device, self.precision):
+                    terms = self.objective(net(batch), batch)
                 if faults.hit("nan:loss", at=self.step + 1):
                     terms["loss"] = terms["loss"] * float("nan")
-                (terms["loss"] / acc).backward()
+                loss = terms["loss"] / acc
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / acc
         if self.ddp is not None:  # what every rank logs and checks: the mean over ranks (local loss differs by rank)
@@ -165,16 +221,23 @@ class Trainer:
             names = sorted(totals)
             stacked = torch.stack([totals[k] for k in names])
             dist.all_reduce(stacked)
-            totals = dict(zip(names, stacked / dist.get_world_size()))
-        components = self.model.components()
-        norms = grad_norms(components)
+            totals = dict(zip(names, stacked / self.world_size))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        norms = grad_norms(self.model.components())
         bad = [k for k, v in totals.items() if not torch.isfinite(v)]
-        bad_grads = [k for k, v in norms.items() if not math.isfinite(v)]
+        # under fp16 an overflowing gradient is the loss scaler's business: it skips the step and
+        # lowers the scale; a non-finite loss is still a non-finite loss
+        bad_grads = [] if self.scaler is not None else [k for k, v in norms.items() if not math.isfinite(v)]
         if bad or bad_grads:
-            return self._nonfinite(bad, bad_grads)
+            return self._skip_nonfinite(bad, bad_grads)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         self.step += 1
         out = {k: float(v) for k, v in totals.items()}
@@ -183,39 +246,25 @@ class Trainer:
             out[f"lr/{g['name']}"] = g["lr"]
         if hasattr(self.model, "scale"):  # contrastive models: the learned temperature
             out["temperature"] = float(1.0 / self.model.scale().detach())
+        if self.scaler is not None:
+            out["loss_scale"] = float(self.scaler.get_scale())
         return out
 
-    def _nonfinite(self, bad_terms: list[str], bad_grads: list[str]) -> dict[str, float]:
-        """Stop with a line naming what went non-finite, or (on_nonfinite=skip) skip the update:
-        the step is consumed (its batch, the schedule) but no parameter changes."""
-        step = self.step + 1
-        what = (f"loss term '{bad_terms[0]}'" if bad_terms else f"the gradient of '{bad_grads[0]}'")
-        where = f"non-finite gradients in: {', '.join(bad_grads)}" if bad_grads else "gradients finite"
-        if self.cfg.on_nonfinite != "skip" or self.nonfinite_skips >= self.cfg.max_nonfinite_skips:
-            limit = (f"; {self.nonfinite_skips} steps already skipped (trainer.max_nonfinite_skips="
-                     f"{self.cfg.max_nonfinite_skips})" if self.cfg.on_nonfinite == "skip" else "")
-            last = ckpt.list_checkpoints(self.ckpt_dir) if self.ckpt_dir is not None and \
-                (self.ckpt_dir / ckpt.MANIFEST).exists() else []
-            kept = next((f"checkpoints/last.pt (step {c['step']})" for c in last if c["name"] == "last.pt"),
-                        "none yet")
-            hint = "" if self.cfg.on_nonfinite == "skip" else "; trainer.on_nonfinite=skip skips such steps"
-            raise NonFiniteLoss(f"{what} is not finite at step {step} ({where}){limit}; the last good "
-                                f"checkpoint is {kept}{hint}")
+    def _skip_nonfinite(self, bad_terms: list[str], bad_grads: list[str]) -> dict[str, float]:
+        """The policy raises, or the update is dropped: the step is consumed (its batch, the
+        schedule) but no parameter changes."""
+        self.nonfinite.handle(self.step + 1, bad_terms, bad_grads, self.last_saved)
         self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()  # unscale_ was called: the scaler expects an update before the next step
         self.sched.step()  # the schedule follows the step count, skipped or not
         self.step += 1
-        self.nonfinite_skips += 1
-        return {"nonfinite_skips": float(self.nonfinite_skips)}
+        return {"nonfinite_skips": float(self.nonfinite.skips)}
 
     def _log(self, split: str, values: dict[str, float]) -> None:
         epoch = self.sampler.epoch_of(max(self.step - 1, 0))
         for sink in self.sinks:
             sink.log(self.step, epoch, split, values)
-
-    def _improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best if self.cfg.monitor_mode == "max" else value < self.best
 
     def _validate(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -226,12 +275,8 @@ class Trainer:
         if key not in metrics:
             raise KeyError(f"trainer.monitor='{self.cfg.monitor}' is not a validation metric "
                            f"(have: {', '.join(sorted(metrics))})")
-        value = metrics[key]
-        if self._improved(value):
-            self.best, self.best_step, self.bad_evals = value, self.step, 0
-            self._save("best.pt", metric=value)
-        else:
-            self.bad_evals += 1
+        if self.early.update(metrics[key], self.step):
+            self._checkpoint("best.pt", metric=metrics[key])
         return metrics
 
     def fit(self, resume: dict | None = None) -> dict:
@@ -242,7 +287,7 @@ class Trainer:
             self.progress.start(cfg.max_steps, self.step)
         self._t_start = time.perf_counter()
         last_val: dict[str, float] = {}
-        while self.step < cfg.max_steps and not self.stopped_early:
+        while self.step < cfg.max_steps and not self.early.stopped:
             values = self._train_step()
             faults.kill_if("kill:step", at=self.step)
             if self.step % cfg.log_every == 0 or self.step == 1 or "nonfinite_skips" in values:
@@ -250,25 +295,23 @@ class Trainer:
             evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
             if evaluate:
                 last_val = self._validate()
-                self.stopped_early = cfg.early_stop_patience > 0 and self.bad_evals >= cfg.early_stop_patience
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self._save(f"step_{self.step}.pt")
-                ckpt.prune_step_checkpoints(self.ckpt_dir, cfg.keep_checkpoints)
+                self._checkpoint(f"step_{self.step}.pt", keep=cfg.keep_checkpoints)
             if evaluate:
-                self._save("last.pt")  # last: after every other write of this step, so resume starts clean
-                if self.stopped_early:
+                self._checkpoint("last.pt")  # last: after every other write of this step, so resume starts clean
+                if self.early.stopped:
                     break
             if self.progress:
                 self.progress.update(self.step, values.get("loss", float("nan")), last_val.get(cfg.monitor.removeprefix("val/")))
             if STOP.is_set() and self.step < cfg.max_steps:
                 if not evaluate:
-                    self._save("last.pt")
+                    self._checkpoint("last.pt")
                 if self.progress:
                     self.progress.stop()
                 raise Preempted(f"stopped by SIGTERM after step {self.step}; checkpoints/last.pt holds it")
         if self.progress:
             self.progress.stop()
-        return {"steps": self.step, "best": self.best, "best_step": self.best_step,
-                "stopped_early": self.stopped_early,
+        return {"steps": self.step, "best": self.early.best, "best_step": self.early.best_step,
+                "stopped_early": self.early.stopped,
                 "train_seconds": self.seconds_before + time.perf_counter() - self._t_start,
                 "precision": self.precision}
