@@ -212,9 +212,9 @@ def test_register_head_trains_and_reports_retrieval_per_registers_kept(tmp_path,
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("head.overlap=5", "'head.overlap' must be in [1, registers=4], got 5"),
+    ("head.overlap=5", "'head.overlap' is 5; it must be in [1, registers=4]"),
     ("head.heads=5", "'head.heads'=5 does not divide 'encoder.width'"),
-    ("head.nested_dropout=random", "'head.nested_dropout' must be uniform, geometric or none"),
+    ("head.nested_dropout=random", "'head.nested_dropout' is 'random'; expected one of uniform, geometric, none"),
     ("head.layers=4", "unknown key 'head.layers'"),
 ])
 def test_bad_register_options_are_one_line_exit_2(override, expected, tmp_path, cache_dir):

@@ -224,21 +224,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from modalign.options import Options as OptionsBase, at_least, require
 from modalign.registry import register_variant
 
 
 @dataclass
-class Options:
+class Options(OptionsBase):
     hidden: int = 512  # hidden width
     dropout: float = 0.1
 
-    def check(self) -> str | None:
-        """None, or "key: what is wrong" (reported as config: 'head.key' ...)."""
-        if self.hidden < 1:
-            return f"hidden: must be >= 1, got {{self.hidden}}"
-        if not 0.0 <= self.dropout < 1.0:
-            return f"dropout: must be in [0, 1), got {{self.dropout}}"
-        return None
+    def validate(self) -> None:
+        """Runs when the options are built; a bad value is one line (config: 'head.hidden' is 0; ...)."""
+        at_least(self, "hidden", 1)
+        require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "it must be in [0, 1)")
 
 
 @register_variant("head", "{name}", created_by={created_by!r}, model={model!r}, date={date!r},

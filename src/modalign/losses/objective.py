@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modalign.options import Options, at_least, between, one_of
 from modalign.losses.contrastive import (TextQueue, clip_loss, gather_features, global_count, masked_token_loss,
                                          queue_loss, siglip_loss)
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Options):
     kind: str = "clip"  # clip (InfoNCE, both directions) | siglip (pairwise sigmoid)
     queue_size: int = 0  # hard-negative memory of recent captions; 0 = off
     queue_weight: float = 0.5  # weight of the queue term (modality -> text over batch + queue)
@@ -30,6 +31,17 @@ class LossConfig:
     mlm_weight: float = 0.0  # weight of the masked-modeling term; 0 = off (saves a second encoder pass)
     local_loss: bool = False  # distributed: each rank's own rows against the global batch (open_clip's
     #                           local_loss; same gradient, B_local x B logits per rank instead of B x B)
+    init_temperature: float = 0.07  # CLIP's: the model's learnable logit scale starts at 1 / 0.07
+    max_logit_scale: float = 100.0  # CLIP clamps the logit scale at 100
+
+    def validate(self) -> None:
+        one_of(self, "kind", ("clip", "siglip"))
+        at_least(self, "init_temperature", 1e-4)
+        at_least(self, "max_logit_scale", 1.0)
+        at_least(self, "queue_size", 0)
+        at_least(self, "queue_weight", 0.0)
+        between(self, "mlm_ratio", 0.0, 1.0)
+        at_least(self, "mlm_weight", 0.0)
 
 
 class AlignObjective(nn.Module):
@@ -37,8 +49,6 @@ class AlignObjective(nn.Module):
 
     def __init__(self, cfg: LossConfig, text_dim: int, rank: int = 0, world_size: int = 1):
         super().__init__()
-        if cfg.kind not in ("clip", "siglip"):
-            raise ValueError(f"unknown loss.kind '{cfg.kind}' (expected clip or siglip)")
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.queue = TextQueue(cfg.queue_size, text_dim) if cfg.queue_size > 0 else None

@@ -16,14 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalign.losses.contrastive import random_token_mask
+from modalign.options import Options, at_least
 from modalign.models.encoders import EncoderConfig, build_encoder
 
 
 @dataclass
-class HeadConfig:
+class HeadConfig(Options):
     kind: str = "mlp"  # a registered head variant: linear | mlp | registers | your own
     embed_dim: int = 256  # shared embedding space; ignored when the text side is not projected
     options: dict = field(default_factory=dict)  # the variant's own keys (its Options dataclass)
+
+    def validate(self) -> None:
+        at_least(self, "embed_dim", 1)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":

@@ -16,16 +16,40 @@ import torch
 from torch import nn
 
 from modalign.models.encoders import EncoderConfig, build_encoder, masked_mean
+from modalign.options import Options, at_least, one_of, require
 from modalign.models.quantizer import VectorQuantizer, VQConfig
 
 BOTTLENECKS = ("none", "linear", "vq")
 
 
 @dataclass
-class BottleneckConfig:
+class BottleneckConfig(Options):
     kind: str = "none"  # none (identity: latent = encoder tokens, width W) | linear | vq
     latent_dim: int = 64  # linear: L; vq: must equal vq.dim; none: ignored (L = encoder.width)
     vq: VQConfig = field(default_factory=VQConfig)
+
+    def validate(self) -> None:
+        one_of(self, "kind", BOTTLENECKS)
+        at_least(self, "latent_dim", 1)
+        if self.kind == "vq":
+            require(self.vq.dim == self.latent_dim, "vq.dim", self.vq.dim,
+                    f"it must equal latent_dim ({self.latent_dim})")
+
+
+@dataclass
+class DecoderOptions(Options):
+    depth: int = 2  # transformer layers over the latent tokens; 0 = a per-token read-out (GELU + linear)
+
+    def validate(self) -> None:
+        at_least(self, "depth", 0)
+
+
+@dataclass
+class GlobalsHeadOptions(Options):
+    hidden: int = 128  # hidden width of the MLP from the pooled latent to the globals
+
+    def validate(self) -> None:
+        at_least(self, "hidden", 1)
 
 
 @dataclass

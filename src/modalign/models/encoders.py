@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from modalign.options import Options, at_least, between, one_of, require
+
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Options):
     kind: str = "transformer"  # transformer | cnn
     width: int = 128  # 128 trains the demo in about a minute on 2 CPU cores
     depth: int = 2  # transformer layers or conv blocks
@@ -26,6 +28,20 @@ class EncoderConfig:
     vocab_size: int = 0  # 0 = no categorical tokens
     n_cont: int = 0  # continuous features per token (C)
     n_globals: int = 0  # global features per sample (G)
+
+    def validate(self) -> None:
+        one_of(self, "kind", ("transformer", "cnn"))
+        for name in ("width", "depth", "heads", "kernel_size", "max_len"):
+            at_least(self, name, 1)
+        one_of(self, "pooling", ("cls", "mean"))
+        between(self, "dropout", 0.0, 1.0)
+        for name in ("vocab_size", "n_cont", "n_globals"):
+            at_least(self, name, 0)
+        if self.kind == "cnn":
+            require(self.kernel_size % 2 == 1, "kernel_size", self.kernel_size,
+                    "it must be odd (the CNN keeps the sequence length)")
+        if self.kind == "transformer":
+            require(self.width % self.heads == 0, "heads", self.heads, f"it must divide the width ({self.width})")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,7 +8,8 @@ keys, from `conf/head/<name>.yaml`) and the interface
     out["embedding"]  (B, D), not yet normalised
     out["aux"]        optional {name: scalar loss term}, weighted by head.aux_weight in the objective
 
-Options.check() returns None or "key: what is wrong" for the config edge to report.
+Options validate themselves when built (`modalign.options`): a bad value raises one line naming the
+key, which the config edge reports as `config: 'head.<key>' is ...`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modalign.options import Options, at_least, one_of, require
 from modalign.registry import register_variant
 
 TEAM = "modalign maintainers"
@@ -27,9 +29,8 @@ ASSISTANT = "AI coding assistant (modalign founding team session)"
 
 
 @dataclass
-class LinearOptions:
-    def check(self) -> str | None:
-        return None
+class LinearOptions(Options):
+    pass
 
 
 @register_variant("head", "linear", created_by=TEAM, model=ASSISTANT, date="2026-11-21", experiment_id="M1-align",
@@ -48,19 +49,16 @@ class LinearHead(nn.Module):
 
 
 @dataclass
-class MLPOptions:
+class MLPOptions(Options):
     layers: int = 2  # linear layers: 2 (CLIP-style projection MLP) or 3
     hidden: int = 512  # hidden width
     dropout: float = 0.0
 
-    def check(self) -> str | None:
-        if self.layers not in (2, 3):
-            return f"layers: an mlp head has 2 or 3 layers, got {self.layers}"
-        if self.hidden < 1:
-            return f"hidden: must be >= 1, got {self.hidden}"
-        if not 0.0 <= self.dropout < 1.0:
-            return f"dropout: must be in [0, 1), got {self.dropout}"
-        return None
+    def validate(self) -> None:
+        require(self.layers in (2, 3), "layers", self.layers, "an mlp head has 2 or 3 layers")
+        at_least(self, "hidden", 1)
+        require(self.dropout == self.dropout and 0.0 <= self.dropout < 1.0, "dropout", self.dropout,
+                "it must be in [0, 1)")
 
 
 @register_variant("head", "mlp", created_by=TEAM, model=ASSISTANT, date="2026-11-21", experiment_id="M1-align",
@@ -84,7 +82,7 @@ class MLPHead(nn.Module):
 
 # register tokens ---------------------------------------------------------------------------------
 @dataclass
-class RegisterOptions:
+class RegisterOptions(Options):
     registers: int = 4  # K learnable register tokens
     overlap: int = 3  # K_o: registers 0..K_o-1 are aligned with text; the rest are complementary
     depth: int = 2  # cross-attention layers
@@ -96,26 +94,19 @@ class RegisterOptions:
     aux_weight: float = 0.1  # weight of the complementary registers' reconstruction loss; 0 = off
     aux_target: str = "auto"  # what the complementary registers reconstruct: globals | pooled | auto
 
-    def check(self) -> str | None:
-        if self.registers < 1:
-            return f"registers: must be >= 1, got {self.registers}"
-        if not 1 <= self.overlap <= self.registers:
-            return f"overlap: must be in [1, registers={self.registers}], got {self.overlap}"
-        if self.depth < 1:
-            return f"depth: must be >= 1, got {self.depth}"
-        if self.heads < 1 or self.mlp_ratio < 1:
-            return f"heads: and mlp_ratio must be >= 1, got {self.heads} and {self.mlp_ratio}"
-        if self.nested_dropout not in ("uniform", "geometric", "none"):
-            return f"nested_dropout: must be uniform, geometric or none, got {self.nested_dropout!r}"
-        if not 0.0 < self.geometric_p <= 1.0:
-            return f"geometric_p: must be in (0, 1], got {self.geometric_p}"
-        if self.aux_weight < 0:
-            return f"aux_weight: must be >= 0, got {self.aux_weight}"
-        if self.aux_target not in ("globals", "pooled", "auto"):
-            return f"aux_target: must be globals, pooled or auto, got {self.aux_target!r}"
-        if not 0.0 <= self.dropout < 1.0:
-            return f"dropout: must be in [0, 1), got {self.dropout}"
-        return None
+    def validate(self) -> None:
+        at_least(self, "registers", 1)
+        require(1 <= self.overlap <= self.registers, "overlap", self.overlap,
+                f"it must be in [1, registers={self.registers}]")
+        for name in ("depth", "heads", "mlp_ratio"):
+            at_least(self, name, 1)
+        one_of(self, "nested_dropout", ("uniform", "geometric", "none"))
+        require(self.geometric_p == self.geometric_p and 0.0 < self.geometric_p <= 1.0, "geometric_p",
+                self.geometric_p, "it must be in (0, 1]")
+        at_least(self, "aux_weight", 0.0)
+        one_of(self, "aux_target", ("globals", "pooled", "auto"))
+        require(self.dropout == self.dropout and 0.0 <= self.dropout < 1.0, "dropout", self.dropout,
+                "it must be in [0, 1)")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.options import Options, at_least, between
+
 
 @dataclass
-class VQConfig:
+class VQConfig(Options):
     codebook_size: int = 512  # K
     dim: int = 64  # D, the code vectors' width
     commitment_cost: float = 0.25  # beta of van den Oord et al.; they found 0.1-2.0 all work
@@ -26,6 +28,13 @@ class VQConfig:
     eps: float = 1e-5  # Laplace smoothing of cluster sizes, so an unused code never divides by 0
     dead_code_threshold: float = 1.0  # EMA cluster size below which a code is dead (Jukebox: 1.0)
     restart_dead: bool = True  # replace dead codes with random encoder outputs of the batch
+
+    def validate(self) -> None:
+        at_least(self, "codebook_size", 2)
+        at_least(self, "dim", 1)
+        at_least(self, "commitment_cost", 0.0)
+        between(self, "decay", 0.0, 1.0)
+        at_least(self, "eps", 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

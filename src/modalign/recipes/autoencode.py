@@ -20,7 +20,8 @@ import numpy as np
 from modalign.errors import UserError
 from modalign.eval.evaluation import Evaluation
 from modalign.recipes.align import load_data
-from modalign.recipes.config import check_range, to_container, typed
+from modalign.options import Options, at_least, one_of
+from modalign.recipes.config import to_container, typed
 from modalign.recipes.settings import read_encoder, read_env, read_training
 from modalign.runs.writer import RunWriter
 
@@ -29,9 +30,13 @@ COMPONENTS = ("encoder", "bottleneck", "decoder", "globals_head")
 
 
 @dataclass
-class AutoencodeEval:
+class AutoencodeEval(Options):
     split: str = "test"
     batch_size: int = 1024
+
+    def validate(self) -> None:
+        one_of(self, "split", ("train", "val", "test"))
+        at_least(self, "batch_size", 1)
 
 
 class AutoencodeRecipe:
@@ -47,7 +52,8 @@ class AutoencodeRecipe:
 
         from modalign.data.batches import PairedTensors
         from modalign.losses.reconstruction import autoencode_loss
-        from modalign.models.autoencoder import AutoencoderConfig, BottleneckConfig, ModalityAutoencoder
+        from modalign.models.autoencoder import (AutoencoderConfig, BottleneckConfig, DecoderOptions,
+                                                 GlobalsHeadOptions, ModalityAutoencoder)
         from modalign.models.quantizer import VQConfig
         from modalign.train.allocator import tune_malloc
         from modalign.train.device import resolve_device, set_tf32
@@ -56,27 +62,19 @@ class AutoencodeRecipe:
         self.seed, self.trainer_cfg, self.optim_cfg = read_training(cfg, COMPONENTS)
         env = read_env(cfg)
         self.eval_cfg = typed(AutoencodeEval, to_container(cfg.eval, "eval"), "eval")
-        check_range("eval.split", self.eval_cfg.split, choices=("train", "val", "test"))
-        check_range("eval.batch_size", self.eval_cfg.batch_size, min_value=1)
         encoder, init_from, _ = read_encoder(cfg)
         if init_from is not None:
             raise UserError("config: 'encoder.init_from' is for stage 2 (align); stage 1 trains its encoder from scratch")
         b = to_container(cfg.bottleneck, "bottleneck")
         vq = typed(VQConfig, b.pop("vq", {}), "bottleneck.vq")
         bottleneck = typed(BottleneckConfig, b, "bottleneck", vq=vq)
-        check_range("bottleneck.kind", bottleneck.kind, choices=("none", "linear", "vq"))
-        check_range("bottleneck.latent_dim", bottleneck.latent_dim, min_value=1)
-        check_range("bottleneck.vq.codebook_size", vq.codebook_size, min_value=2)
-        check_range("bottleneck.vq.decay", vq.decay, min_value=0.0, max_value=1.0)
-        if bottleneck.kind == "vq" and vq.dim != bottleneck.latent_dim:
-            raise UserError(f"config: 'bottleneck.vq.dim'={vq.dim} must equal 'bottleneck.latent_dim'={bottleneck.latent_dim}")
         beta = cfg.globals_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
             raise UserError(f"config: 'globals_beta' must be a number >= 0, got {beta!r}")
         self.globals_beta = float(beta)
-        decoder_depth, head_hidden = cfg.decoder.depth, cfg.globals_head.hidden
-        check_range("decoder.depth", decoder_depth, min_value=0)  # 0: a per-token linear read-out
-        check_range("globals_head.hidden", head_hidden, min_value=1)
+        decoder = typed(DecoderOptions, to_container(cfg.decoder, "decoder"), "decoder")
+        globals_head = typed(GlobalsHeadOptions, to_container(cfg.globals_head, "globals_head"), "globals_head")
+        decoder_depth, head_hidden = decoder.depth, globals_head.hidden
         t = self.trainer_cfg
         self.malloc = tune_malloc(env.malloc)
         self.device = resolve_device(env.device)

@@ -12,6 +12,7 @@ import typing
 from typing import Any
 
 from modalign.errors import UserError
+from modalign.options import OptionError
 
 
 def compose(overrides: list[str], config_name: str = "align", return_hydra_config: bool = False):
@@ -141,15 +142,7 @@ def typed(cls, values: dict, key: str, **extra):
             raise UserError(f"config: unknown key '{key}.{name}' (known: {known})")
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")
     kwargs.update(extra)
-    return cls(**kwargs)
-
-
-def check_range(key: str, value, *, min_value=None, max_value=None, choices=None) -> None:
-    if isinstance(value, float) and value != value:  # NaN passes every comparison
-        raise UserError(f"config: '{key}' is nan; it must be a number")
-    if choices is not None and value not in choices:
-        raise UserError(f"config: '{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
-    if min_value is not None and value < min_value:
-        raise UserError(f"config: '{key}' is {value!r}; it must be >= {min_value}")
-    if max_value is not None and value > max_value:
-        raise UserError(f"config: '{key}' is {value!r}; it must be <= {max_value}")
+    try:
+        return cls(**kwargs)  # option dataclasses validate themselves (modalign.options)
+    except OptionError as e:
+        raise UserError(f"config: {e.under(key)}") from None

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from modalign import faults
+from modalign.options import Options, at_least, one_of
 from modalign.train.checkpoint import rng_state, set_rng_state
 from modalign.train.device import autocast, grad_scaler, resolve_precision, to_device
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Options):
     max_steps: int = 150  # the demo trains in about a minute on 2 CPU cores; compare at fixed step counts
     batch_size: int = 256  # the contrastive batch: each sample's negatives are the other 255
     accumulate: int = 1  # micro-batches per optimizer step; each micro-batch is its own contrastive batch
@@ -44,6 +45,15 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip the step
     max_nonfinite_skips: int = 10  # skip: stop anyway after this many skipped steps (a run that diverged)
+
+    def validate(self) -> None:
+        for name, low in (("max_steps", 1), ("batch_size", 2), ("accumulate", 1), ("eval_every", 1),
+                          ("log_every", 1), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("grad_clip", 0),
+                          ("threads", 0), ("early_stop_patience", 0), ("max_nonfinite_skips", 0)):
+            at_least(self, name, low)
+        one_of(self, "precision", ("auto", "fp32", "bf16", "fp16"))
+        one_of(self, "monitor_mode", ("max", "min"))
+        one_of(self, "on_nonfinite", ("stop", "skip"))
 
 
 class Sink(Protocol):

@@ -8,15 +8,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modalign.options import Options, at_least, between, require
+
 
 @dataclass
-class GroupConfig:
+class GroupConfig(Options):
     lr: float = 1e-3
     weight_decay: float = 0.05
 
+    def validate(self) -> None:
+        at_least(self, "lr", 0)
+        at_least(self, "weight_decay", 0)
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Options):
     # Per component: the encoder and heads train at 1e-3 (small models, short runs); the logit
     # scale has no weight decay, as in CLIP (decaying it would pull the temperature towards 1).
     groups: dict[str, GroupConfig] = field(default_factory=lambda: {
@@ -28,6 +34,15 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 25
     min_lr_ratio: float = 0.05  # cosine decays to this fraction of each group's lr
+
+    def validate(self) -> None:
+        at_least(self, "warmup_steps", 0)
+        between(self, "min_lr_ratio", 0.0, 1.0)
+        at_least(self, "eps", 1e-12)
+        require(len(self.betas) == 2, "betas", list(self.betas), "it must be two numbers")
+        for i, b in enumerate(self.betas):
+            require(b == b, f"betas[{i}]", b, "it must be a number")
+            require(0.0 <= b <= 0.999999, f"betas[{i}]", b, "it must be in [0, 0.999999]")
 
 
 def build_optimizer(components: dict[str, list[nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
