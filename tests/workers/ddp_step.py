@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from modalign.losses.objective import AlignObjective, LossConfig
 from modalign.models.align import AlignModel, AlignModelConfig, HeadConfig
 from modalign.models.encoders import EncoderConfig
-from modalign.train.distributed import SINGLE, World, init_from_env, leave, shard
+from modalign.train.distributed import SINGLE, World, exit_process, init_from_env, leave, shard
 
 B, T = 8, 6
 CASES = {
@@ -74,6 +74,7 @@ def main(out: str) -> None:
         torch.save(results, out)
     del r
     leave()
+    exit_process(0)  # as `modalign train` ends a rank (see modalign.train.distributed.exit_process)
 
 
 if __name__ == "__main__":

@@ -291,7 +291,21 @@ def train_command(recipe: str, argv: list[str]) -> int:
     from modalign.train.distributed import from_env
 
     if from_env().distributed:
-        return _train_distributed(recipe, overrides, quiet)
+        from modalign.train.distributed import exit_process
+
+        code = 1
+        try:
+            code = _train_distributed(recipe, overrides, quiet)
+        except UserError as e:  # what the CLI prints for any UserError: one line, exit 2
+            print("modalign: error: " + str(e), file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:  # a bug: say where, since the process will not unwind into Python's handler
+            traceback.print_exc()
+            code = 1
+        finally:
+            exit_process(code)  # never returns (see there why a rank skips the interpreter's shutdown)
     resume, overrides = split_resume(overrides)
     cfg, writer = resume_run(resume, overrides) if resume else new_run(overrides, recipe)
     code, summary = execute(cfg, writer, quiet)

@@ -14,8 +14,11 @@ losses see the global batch. Only rank 0 writes the run directory (`modalign.run
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -72,27 +75,38 @@ def shard(n: int, world: World) -> slice:
     return slice(world.rank * per, (world.rank + 1) * per)
 
 
-# The tensor of the last collective, alive until the process ends. Why: gloo's worker thread drops
-# its reference to a finished collective's tensors a moment after the caller's wait() returns. When
-# the Python tensor is already gone by then, that drop has to take the GIL to free it; if the
-# interpreter is finalizing, Python ends the worker thread inside a noexcept destructor and the
-# process aborts (`terminate called without an active exception`, SIGABRT, exit -6): 1 launch in
-# 4-12 here, always after the work was done (a core dump showed ProcessGroupGloo::runLoop ->
-# ~AsyncAllreduceWork -> decref_pyobject -> take_gil -> pthread_exit). With the tensor still
-# referenced, the drop is a plain reference count and needs no GIL.
-_LAST = torch.zeros(1)
-
-
 def leave(clean: bool = True) -> None:
-    """Leave the process group so that a finished launch exits 0: free what still holds the group
-    (a DistributedDataParallel's reducer, pending collectives), wait until every rank got here (on
-    a tensor that outlives the process, see _LAST), then destroy it.
-    clean=False (this rank failed): no waiting for ranks that may be stuck in another collective."""
+    """Leave the process group: free what still holds it (a DistributedDataParallel's reducer,
+    pending collectives), wait until every rank got here, then destroy it. clean=False (this rank
+    failed): no waiting for ranks that may be stuck in another collective. A rank then ends with
+    `exit_process`, not by returning into the interpreter's shutdown."""
     if not dist.is_initialized():
         return
     gc.collect()
     if clean:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        dist.all_reduce(_LAST)  # a barrier on the CPU backend (dist.barrier would start nccl)
+        dist.all_reduce(torch.zeros(1))  # a barrier on the CPU backend (dist.barrier would start nccl)
     dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a torchrun rank with `code`, skipping the interpreter's finalization.
+
+    Why: gloo's worker threads outlive destroy_process_group (whatever still references the group
+    keeps them), and one of them releases a finished collective's tensors a moment after the caller
+    has moved on. Releasing a tensor that has a Python object takes the GIL; once the interpreter is
+    finalizing, Python ends such a thread inside a noexcept destructor and the process aborts
+    (`terminate called without an active exception`, SIGABRT, exit -6) although all its work was
+    done: 1 launch in 4 to 9 here. Core dumps showed it every time: ProcessGroupGloo::runLoop ->
+    ~AsyncAllreduceWork -> TensorImpl::decref_pyobject -> take_gil -> PyThread_exit_thread. Keeping
+    the last tensor alive does not help (a live Python object is exactly what needs the GIL). Every
+    file of the run is already closed and synced (the run writer writes atomically), so the rank
+    flushes its streams and logs and leaves with os._exit."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
