@@ -115,3 +115,19 @@ def test_registry_imports_no_torch():
     code = "import sys, modalign.analysis.metrics, modalign.analysis.recommend; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_same_configuration_on_two_devices_is_two_groups(tmp_path):
+    from modalign.analysis.groups import group_runs
+
+    config = {"head": {"kind": "mlp"}, "seed": 0, "env": {"device": "auto"}}
+    records = [RunRecord(tmp_path / f"r{i}", {"status": "completed", "seed": i, "recipe": "align",
+                                              "env": {"device": dev, "device_type": dev.split(":")[0]}},
+                         None, config={**config, "seed": i}, overrides=["head=mlp"])
+               for i, dev in enumerate(["cpu", "cuda:0", "cpu", "cuda:1"])]
+    groups = group_runs(records)
+    assert sorted(g.label for g in groups) == ["device=cpu", "device=cuda"]
+    assert all(len(g.runs) == 2 for g in groups)
+    old = RunRecord(tmp_path / "old", {"status": "completed", "seed": 9, "recipe": "align", "env": {"device": "cpu"}},
+                    None, config=config, overrides=["head=mlp"])  # before GPU placement: no device_type
+    assert len(group_runs([records[0], old])) == 1

@@ -53,6 +53,14 @@ class Group:
                 "ci_low": low, "ci_high": high, "iqm": iqm(x) if x.size >= IQM_MIN_RUNS else np.nan}
 
 
+def device_type(record: RunRecord) -> str:
+    """cpu | cuda | mps: where the run trained (run.json env; runs from before GPU placement: cpu).
+    Runs of one configuration on different devices are different groups: GPU kernels and bf16
+    autocast differ from the CPU's, and so do wall times."""
+    env = record.info.get("env") or {}
+    return str(env.get("device_type") or str(env.get("device") or "cpu").split(":")[0])
+
+
 def _override_params(record: RunRecord) -> dict[str, str]:
     out = {}
     for o in record.overrides:
@@ -73,12 +81,12 @@ def _distinguishing(params: list[dict]) -> list[str]:
 def group_runs(records: list[RunRecord]) -> list[Group]:
     """Runs with a config -> groups, in the order their first run appears. Runs without a config
     (a job that failed before it started) belong to no group; callers list them on their own."""
-    buckets: dict[tuple[str, str], list[RunRecord]] = {}
+    buckets: dict[tuple[str, str, str], list[RunRecord]] = {}
     for r in records:
         if not r.config:
             continue
         fp = fingerprint(r.info) if r.info.get("data") else {"recipe": str(r.info.get("recipe"))}
-        buckets.setdefault((config_key(r.config), fingerprint_id(fp)), []).append(r)
+        buckets.setdefault((config_key(r.config), fingerprint_id(fp), device_type(r)), []).append(r)
     if not buckets:
         return []
     firsts = [runs[0] for runs in buckets.values()]
@@ -86,14 +94,19 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
     keys = _distinguishing(overrides)
     labels = [", ".join(f"{k}={p.get(k, '∅')}" for k in keys) for p in overrides]
     params = [{k: p.get(k) for k in keys} for p in overrides]
+    devices = [device for _, _, device in buckets]
+    if len(set(devices)) > 1:  # the same configuration on a CPU and on a GPU: two groups, said so
+        labels = [", ".join(x for x in (label, f"device={d}") if x) for label, d in zip(labels, devices)]
+        params = [{**p, "device": d} for p, d in zip(params, devices)]
     if len(set(labels)) < len(labels):  # overrides do not tell them apart: use the config itself
         diff = config_diff({str(i): r.config for i, r in enumerate(firsts)})
+        diff.update({"device": {str(i): d for i, d in enumerate(devices)}} if len(set(devices)) > 1 else {})
         labels = [", ".join(f"{k}={diff[k][str(i)]}" for k in diff) for i in range(len(firsts))]
         params = [{k: diff[k][str(i)] for k in diff} for i in range(len(firsts))]
-    fps = {fp_id for _, fp_id in buckets}
-    set_names = {fp_id: chr(ord("A") + i) for i, fp_id in enumerate(dict.fromkeys(fp_id for _, fp_id in buckets))}
+    fps = {fp_id for _, fp_id, _ in buckets}
+    set_names = {fp_id: chr(ord("A") + i) for i, fp_id in enumerate(dict.fromkeys(fp_id for _, fp_id, _ in buckets))}
     groups = []
-    for i, ((_, fp_id), runs) in enumerate(buckets.items()):
+    for i, ((_, fp_id, _), runs) in enumerate(buckets.items()):
         label = labels[i] or "all runs"
         if len(fps) > 1 and labels.count(labels[i]) > 1:
             label += f" (set {set_names[fp_id]})"

@@ -187,7 +187,15 @@ class AlignRecipe:
                             f"this run (e.g. val/m2t_R@1, val/t2m_mAP"
                             f"{', val/zeroshot_acc' if 'zeroshot_acc' in self.metric_names else ''})")
 
+        # under torchrun rank 0 embeds the captions (a cache miss encodes them) while the other ranks
+        # wait, then read its cache: N ranks do not encode the same texts N times at once
+        from modalign.train.distributed import broadcast_object
+
+        if not self.world.is_main:
+            broadcast_object(None, self.world)
         self.text = TextTable(self.data, st.text, progress=self.show_progress)
+        if self.world.is_main:
+            broadcast_object(True, self.world)
         table = torch.from_numpy(self.text.embeddings)  # (U, text_dim)
         groups = torch.arange(len(table))  # identical text = identical row = one caption group
         self.tensors = {s: PairedTensors(d, self.text.rows(d), table, groups) for s, d in self.splits.items()}
