@@ -194,10 +194,6 @@ class Trainer:
         self.seconds_before = float(t.get("train_seconds", 0.0))
         self.nonfinite.skips = int(t.get("nonfinite_skips", 0))
 
-    @property
-    def best(self) -> float | None:
-        return self.early.best
-
     def _checkpoint(self, name: str, metric: float | None = None, keep: int | None = None) -> None:
         for sink in self.sinks:
             sink.checkpoint(name, self.state, step=self.step, metric=metric, keep=keep)
