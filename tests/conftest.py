@@ -67,3 +67,25 @@ def demo_sweep(tmp_path_factory, cache_dir) -> tuple[Path, str]:
     p = run_cli(["sweep", "experiment=demo", *SMALL], cwd, cache_dir, timeout=600)
     assert p.returncode == 0, p.stderr
     return next((cwd / "outputs" / "experiments").iterdir()), p.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny Llama-style causal LM folder (random weights, 30 blocks of width 64, like SmolLM2's
+    depth) with SmolLM2's real tokenizer, for fuse tests where a real LM's quality is not the point.
+    Loaded by the same code as any local LM (`lm.path=...`)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from modalign.models.lm import default_lm_file
+
+    d = tmp_path_factory.mktemp("tiny-lm")
+    gguf = default_lm_file()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=30,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d

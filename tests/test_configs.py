@@ -19,7 +19,7 @@ def test_there_are_config_files():
 
 
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CONF)) for p in FILES])
-def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path, cache_dir):
+def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path, cache_dir, request):
     # Hydra's `# @package` directive must come first when there is one; the command comes next
     first = next(line for line in path.read_text().splitlines() if not line.startswith("# @"))
     assert first.startswith("# modalign "), f"{path} must start with the command that runs it"
@@ -30,7 +30,9 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
         p = plan([f"experiment={rel.stem}"])
         assert p["grid"] and p["metric"].startswith(("test/", "val/")), p  # names its grid and its metric
         return
-    root = rel.stem if len(rel.parts) == 1 else ("autoencode" if rel.parts[0] == "bottleneck" else "align")
+    stage3 = rel.parts[0] == "fusion" or rel.as_posix() in ("fuse.yaml", "trainer/fuse.yaml")
+    root = rel.stem if len(rel.parts) == 1 else \
+        ("autoencode" if rel.parts[0] == "bottleneck" else "fuse" if stage3 else "align")
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
     if rel.parts[0] == "data" and rel.stem == "npz":
         overrides.append("data.path=x.npz")
@@ -40,7 +42,10 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
         assert group in resolved, f"{group} missing after composing {overrides}"
     from omegaconf import OmegaConf
 
-    _instantiate(rel, OmegaConf.create(resolved), tmp_path)
+    cfg = OmegaConf.create(resolved)
+    if stage3:  # a tiny LM with SmolLM2's depth and tokenizer, and the session's tiny align run
+        cfg.lm.path, cfg.encoder.init_from = str(request.getfixturevalue("tiny_lm")), str(request.getfixturevalue("tiny_run"))
+    _instantiate(rel, cfg, tmp_path)
 
 
 def test_unknown_key_is_a_user_error():
@@ -101,6 +106,19 @@ def _instantiate(rel: Path, cfg, tmp_path) -> None:
 
         t = read_settings(cfg).text
         TextEmbedder(t.model, precision=t.precision, batch_size=t.batch_size)  # resolves the installed model
+        return
+    if cfg.get("recipe") == "fuse":
+        from modalign.recipes.fuse import FuseRecipe
+        from modalign.runs.writer import RunWriter
+
+        cfg.data.n_train, cfg.data.n_val, cfg.data.n_test = 24, 8, 8
+        recipe = FuseRecipe(cfg, RunWriter(tmp_path / "run", rank=1), progress=False)  # writes nothing
+        recipe.setup()
+        batch = recipe.tensors["train"].batch(torch.arange(4))
+        assert recipe.objective(recipe.model(batch), batch)["loss"].isfinite()
+        from modalign.train.optim import build_optimizer
+
+        build_optimizer(recipe.model.components(), recipe.optim_cfg)
         return
     if rel.stem == "autoencode" or group == "bottleneck":
         from modalign.recipes.autoencode import AutoencodeRecipe

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe: modalign train [--recipe align] [overrides]",
                        epilog=_groups_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--recipe", default="align", choices=["align", "autoencode"],
-                   help="align (stage 2, the default) or autoencode (stage 1)")
+    t.add_argument("--recipe", default="align", choices=["align", "autoencode", "fuse"],
+                   help="align (stage 2, the default), autoencode (stage 1) or fuse (stage 3)")
     t.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     t.add_argument("overrides", nargs="*",
                    help="Hydra overrides: group=option or key=value, e.g. encoder=cnn trainer.max_steps=200; "

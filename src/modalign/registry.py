@@ -35,10 +35,10 @@ from pathlib import Path
 
 from modalign.errors import UserError
 
-KINDS = ("head",)  # selectable today; encoders and losses are fixed components (see docs/variants.md)
+KINDS = ("head", "fusion")  # selectable today; encoders and losses are fixed components (see docs/variants.md)
 STATUSES = ("proposed", "experimental", "validated", "retired")
 REQUIRED = ("created_by", "model", "date", "experiment_id", "version", "approach")
-_BUILTIN = {"head": "modalign.models.heads"}
+_BUILTIN = {"head": "modalign.models.heads", "fusion": "modalign.models.fusion"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _VERSION = re.compile(r"^\d+(\.\d+){0,2}([.-]?[A-Za-z0-9]+)?$")

@@ -46,6 +46,14 @@ _RULES: list[tuple[str, str, str | None, str]] = [
     (r"(rec_ce|rec_mse|rec_tokens|rec_globals|total_loss|vq_commit|vq_codebook)", "min", r"\1", r"\1"),
     (r"vq_(perplexity|usage)", "max", None, r"codebook \1"),
     (r"vq_restarted", "none", None, "codes restarted"),
+    (r"cider_d", "max", "cider_d", "CIDEr-D"),
+    (r"bleu_4", "max", "bleu_4", "BLEU-4"),
+    (r"bleu_(\d)", "max", None, r"BLEU-\1"),
+    (r"rouge_l", "max", "rouge_l", "ROUGE-L"),
+    (r"xe", "min", "xe", "caption cross-entropy"),
+    (r"ppl_ratio", "min", None, "perplexity after / before"),
+    (r"ppl(_before|_after)?", "min", None, r"perplexity\1"),
+    (r"exact_match", "max", None, "continuations unchanged"),
     (r"(loss|clip|clip_m2t|clip_t2m|siglip|queue|mlm|reg_rec_\w+)", "min", None, r"\1"),
     (r"temperature", "none", None, "temperature"),
     (r"logit_scale", "none", None, "logit scale"),
@@ -57,7 +65,8 @@ _COMPILED = [(re.compile(p + r"$"), d, c, s) for p, d, c, s in _RULES]
 
 # The metrics a recipe's tables lead with, the optimized one first.
 HEADLINE = {"align": ("m2t_R@1", "t2m_R@1", "zeroshot_acc"),
-            "autoencode": ("total_loss", "rec_tokens", "rec_globals")}
+            "autoencode": ("total_loss", "rec_tokens", "rec_globals"),
+            "fuse": ("cider_d", "bleu_4", "rouge_l")}
 # What `modalign train` prints after a run: the headline and the secondary protocol's R@1.
 PRINTED = {"align": ("m2t_R@1", "t2m_R@1", "zeroshot_acc", "exact_text/m2t_R@1", "exact_text/t2m_R@1"),
            "autoencode": ("total_loss", "rec_tokens", "token_acc", "rec_mse", "rec_globals", "vq_perplexity",

@@ -59,6 +59,8 @@ def evaluate_run(path: Path, split: str, export_embeddings: bool = False, progre
     writer.write_json(f"facts/eval_{split}.json", result)
     writer.write_scores("facts/scores.parquet" if own else f"facts/scores_{split}.parquet",
                         recipe.splits[split], ev.per_example)
+    if ev.extra.get("predictions") is not None:  # captioning recipes: what was decoded, beside the references
+        writer.write_lines(f"facts/predictions_{split}.jsonl", ev.extra["predictions"])
     if export_embeddings and ev.modality is not None:
         writer.write_embeddings("facts/embeddings.npz" if own else f"facts/embeddings_{split}.npz",
                                 recipe.splits[split].ids, ev.modality, ev.text)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from modalign.errors import UserError
 
-RECIPES = {"align": "modalign.recipes.align:AlignRecipe", "autoencode": "modalign.recipes.autoencode:AutoencodeRecipe"}
+RECIPES = {"align": "modalign.recipes.align:AlignRecipe", "autoencode": "modalign.recipes.autoencode:AutoencodeRecipe",
+           "fuse": "modalign.recipes.fuse:FuseRecipe"}
+SECTIONS = {"align": ("head", "loss", "text"), "autoencode": (), "fuse": ("fusion", "lm", "projector", "decode")}
 
 
 def recipe_class(name: str):
@@ -52,7 +54,7 @@ def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
     extra = sorted(set(resolved) - known)
     if extra:
         raise UserError(f"config: unknown key '{extra[0]}'")
-    sections = ["data", "encoder", "trainer", "eval", "env"] + (["head", "loss", "text"] if recipe == "align" else [])
+    sections = ["data", "encoder", "trainer", "eval", "env", *SECTIONS.get(recipe, ())]
     for key in sections:  # a section set to a scalar or deleted (eval=5, ~trainer) fails here, not mid-run
         if not isinstance(resolved.get(key), dict):
             raise UserError(f"config: '{key}' must be a config section (a mapping), got {resolved.get(key)!r}")

@@ -28,6 +28,11 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
+def _cell(text: str) -> str:
+    """Text for one markdown table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|") or "(empty)"
+
+
 def card_text(info: dict, summary: dict) -> str:
     """card.md of a run from its run.json and facts/summary.json."""
     data = info.get("data", {})
@@ -52,6 +57,11 @@ def card_text(info: dict, summary: dict) -> str:
     lines += ["", f"## Results on {split} (relevance protocol `{ev.get('protocol')}`, version {ev.get('version')})", "",
               "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in res.items()]
+    samples = summary.get("samples") or []
+    if samples:  # captioning recipes: what the model says beside what the references say
+        lines += ["", f"## Sample captions ({split})", "", "| id | prediction | reference |", "|---|---|---|"]
+        lines += [f"| {s['id']} | {_cell(s['prediction'])} | {_cell((s.get('references') or [''])[0])} |"
+                  for s in samples]
     params = info.get("params") or {}
     code, env = info.get("code", {}), info.get("env", {})
     lines += ["", "## Provenance", "",

@@ -174,6 +174,11 @@ class RunWriter:
         if self.writes:
             atomic_write_json(self.path / relative, obj)
 
+    def write_lines(self, relative: str, rows: list[dict]) -> None:
+        """A JSON-lines file (e.g. facts/predictions.jsonl), written whole and atomically."""
+        if self.writes:
+            atomic_write_text(self.path / relative, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
     def write_scores(self, relative: str, data, per_example: dict) -> None:
         """facts/<name>.parquet: one row per example of `data` (id, label, every per-example column)."""
         if not self.writes:

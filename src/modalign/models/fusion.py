@@ -1,0 +1,613 @@
+"""Stage 3: a stage-2 modality encoder fused into a frozen causal language model.
+
+    FusedLM(modality, lm, tokenizer, projector_options, fusion)
+
+modality  the stage-2 AlignModel (its encoder and head give the sample's features; frozen by default)
+projector features -> k soft tokens of the LM's width: linear or MLP (optional bottleneck), output
+          tanh(x)·scale (scale defaults to the value at which soft tokens spread over (-1, 1) have
+          the LM's mean token-embedding norm) or unscaled
+fusion    a registered variant (kind "fusion", `modalign.registry`) that decides where the soft
+          tokens enter the LM:
+            prefix            soft tokens before the caption (LLaVA-style)
+            additive          a gated adapter adds the pooled signal to the residual stream after
+                              chosen layers (residual scale alpha, init/max), optional LoRA on q/v
+            cross_attn        gated cross-attention from text to soft tokens after chosen layers,
+                              tanh gates at 0 (Flamingo-style)
+            partial_unfreeze  prefix, and the top N LM blocks trained (a baseline)
+            none              a learned prompt and no modality input: the data-only floor
+
+Gated variants act through forward hooks on the LM's decoder layers (and its q/v projections for
+LoRA): the LM's modules and weights stay untouched, and with every gate closed (alpha = 0, LoRA B =
+0) the fused model's logits are bit-identical to the frozen LM's (tests/test_fuse.py).
+
+The sequence the LM sees: [prefix tokens] + start + caption + eos, where `start` is the LM's bos
+token (template plain) or its chat template's user turn up to the assistant's reply (template
+chat). The loss is the cross-entropy of the caption and eos tokens (teacher forcing).
+Checkpoints hold the trainable parameters only (`state_dict` leaves the frozen LM out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.options import Options, at_least, between, one_of, require
+from modalign.registry import get_variant, register_variant
+
+MAINTAINERS = dict(created_by="modalign maintainers", model="AI coding assistant (modalign founding team session)", date="2026-11-29",
+                   experiment_id="stage3", version="0.1.0")
+
+
+@dataclass
+class ProjectorOptions(Options):
+    kind: str = "mlp"  # linear | mlp
+    tokens: int = 8  # k soft tokens
+    hidden: int = 1024  # mlp hidden width
+    bottleneck: int = 0  # 0 = none; else a linear map down to this width first
+    output: str = "tanh"  # tanh: tanh(x)·scale | linear: unscaled
+    scale: float | None = None  # tanh scale; None = measured from the LM's token embeddings
+    features: str = "embedding"  # embedding: the stage-2 shared-space vector | pooled: the encoder's pooled features
+
+    def validate(self) -> None:
+        one_of(self, "kind", ("linear", "mlp"))
+        one_of(self, "output", ("tanh", "linear"))
+        one_of(self, "features", ("embedding", "pooled"))
+        for name in ("tokens", "hidden"):
+            at_least(self, name, 1)
+        at_least(self, "bottleneck", 0)
+        if self.scale is not None:
+            require(self.scale > 0, "scale", self.scale, "it must be > 0 (or null: measured from the LM)")
+
+
+def auto_scale(embeddings: torch.Tensor) -> float:
+    """The tanh scale at which a soft token whose units spread uniformly over (-1, 1) (rms 1/sqrt 3)
+    has the mean norm of the LM's token embeddings."""
+    norms = embeddings.detach().float().norm(dim=-1)
+    return float(norms.mean() / math.sqrt(embeddings.shape[-1]) * math.sqrt(3.0))
+
+
+class Projector(nn.Module):
+    def __init__(self, opts: ProjectorOptions, in_dim: int, width: int, scale: float):
+        super().__init__()
+        self.opts, self.width, self.scale = opts, width, float(scale)
+        # standardise each sample's features: the stage-2 embedding is L2-normalised (entries ~1/sqrt(D)),
+        # which would start the soft tokens ~20x smaller than the LM's token embeddings
+        layers: list[nn.Module] = [nn.LayerNorm(in_dim, elementwise_affine=False)]
+        d = in_dim
+        if opts.bottleneck:
+            layers.append(nn.Linear(d, opts.bottleneck))
+            d = opts.bottleneck
+        if opts.kind == "mlp":
+            layers += [nn.Linear(d, opts.hidden), nn.GELU()]
+            d = opts.hidden
+        layers.append(nn.Linear(d, opts.tokens * width))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, F) -> soft tokens (B, k, width)."""
+        x = self.net(features).view(features.shape[0], self.opts.tokens, self.width)
+        return torch.tanh(x) * self.scale if self.opts.output == "tanh" else x
+
+
+# --- fusion variants ---------------------------------------------------------------------------
+
+
+def decoder_layers(lm) -> nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (Llama-style `model.layers`, GPT-2 `transformer.h`)."""
+    base = getattr(lm, "model", None) or getattr(lm, "transformer", None)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise ValueError(f"{type(lm).__name__}: cannot find its decoder layers (model.layers or transformer.h)")
+    return layers
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, h):
+    return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+
+def _match_batch(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The signal of B samples for a batch of n rows: beam search repeats each sample n/B times."""
+    return x if x.shape[0] == n else x.repeat_interleave(n // x.shape[0], dim=0)
+
+
+def check_layers(layers: list, n_layers: int, key: str) -> list[int]:
+    from modalign.errors import UserError
+
+    if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                      for i in layers):
+        raise UserError(f"config: '{key}' must be a non-empty list of layer numbers, got {layers!r}")
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise UserError(f"config: '{key}' has layer {bad[0]}, but the LM has layers 0..{n_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise UserError(f"config: '{key}' names a layer twice: {layers!r}")
+    return sorted(layers)
+
+
+class Fusion(nn.Module):
+    """Base of fusion variants. A variant decides the prefix tokens, installs hooks on the LM, and
+    reports its gates. `signal` is set by FusedLM around each forward (None = text only)."""
+    uses_modality = True
+    trains_lm_blocks = 0
+
+    def __init__(self):
+        super().__init__()
+        self.signal: torch.Tensor | None = None  # (B, k, width) soft tokens of the current batch
+        self.enabled = True  # False: the hooks do nothing (the frozen LM as it was)
+        self._handles: list = []
+
+    def prefix(self, soft: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        return None
+
+    def install(self, lm) -> None:
+        pass
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def gates(self) -> dict[str, float]:
+        return {}
+
+    def components(self) -> dict[str, list[nn.Parameter]]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return {"adapter": params} if params else {}
+
+
+@dataclass
+class NoOptions(Options):
+    pass
+
+
+@register_variant("fusion", "prefix", approach="soft tokens concatenated before the caption (LLaVA-style)",
+                  key_features=["k soft tokens", "no LM change"], status="experimental", **MAINTAINERS)
+class PrefixFusion(Fusion):
+    Options = NoOptions
+
+    def __init__(self, options, lm, width: int):
+        super().__init__()
+
+    def prefix(self, soft, batch_size):
+        return soft
+
+
+@dataclass
+class PromptOptions(Options):
+    tokens: int = 8  # learned prompt tokens
+
+    def validate(self) -> None:
+        at_least(self, "tokens", 1)
+
+
+@register_variant("fusion", "none", approach="a learned prompt and no modality input: the data-only floor",
+                  key_features=["prompt tuning", "ignores the modality"], status="experimental", **MAINTAINERS)
+class NoModalityFusion(Fusion):
+    Options = PromptOptions
+    uses_modality = False
+
+    def __init__(self, options, lm, width: int):
+        super().__init__()
+        emb = lm.get_input_embeddings().weight.detach()
+        g = torch.Generator().manual_seed(0)
+        rows = torch.randint(0, emb.shape[0], (options.tokens,), generator=g)
+        self.prompt = nn.Parameter(emb[rows].clone().float())  # start from real token embeddings
+
+    def prefix(self, soft, batch_size):
+        return self.prompt.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def components(self):
+        return {"prompt": [self.prompt]}
+
+
+@dataclass
+class UnfreezeOptions(Options):
+    blocks: int = 2  # top LM blocks (and the final norm) trained with the prefix projector
+
+    def validate(self) -> None:
+        at_least(self, "blocks", 1)
+
+
+@register_variant("fusion", "partial_unfreeze", approach="prefix soft tokens and the top N LM blocks trained",
+                  key_features=["baseline", "LM blocks trainable"], status="experimental", **MAINTAINERS)
+class PartialUnfreezeFusion(Fusion):
+    Options = UnfreezeOptions
+
+    def __init__(self, options, lm, width: int):
+        super().__init__()
+        from modalign.errors import UserError
+
+        layers = decoder_layers(lm)
+        if options.blocks > len(layers):
+            raise UserError(f"config: 'fusion.blocks'={options.blocks}, but the LM has {len(layers)} blocks")
+        self.trains_lm_blocks = options.blocks
+        self.unfrozen = [p for layer in layers[len(layers) - options.blocks:] for p in layer.parameters()]
+        norm = getattr(getattr(lm, "model", None), "norm", None)
+        if norm is not None:
+            self.unfrozen += list(norm.parameters())
+
+    def prefix(self, soft, batch_size):
+        return soft
+
+    def install(self, lm):
+        for p in self.unfrozen:
+            p.requires_grad_(True)
+
+    def components(self):
+        return {"lm_blocks": self.unfrozen}
+
+
+class LoRA(nn.Module):
+    """A low-rank update added to a frozen linear layer's output: y + (x A^T B^T)·alpha/r, B = 0 at init."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_dim))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(out_dim, rank))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.t()) @ self.B.t() * self.scaling
+
+
+@dataclass
+class AdditiveOptions(Options):
+    layers: list = field(default_factory=lambda: [8, 16, 24])  # after which decoder blocks the signal is added
+    init: float = 0.3  # the residual scale alpha at init
+    max: float = 1.0  # alpha is clamped to [-max, max]
+    lora_rank: int = 0  # 0 = no LoRA; else rank r on `lora_targets` of the chosen layers
+    lora_alpha: float = 16.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self) -> None:
+        at_least(self, "max", 0.0)
+        require(abs(self.init) <= self.max, "init", self.init, f"it must be within [-max, max] (max={self.max})")
+        at_least(self, "lora_rank", 0)
+        require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "it must be > 0")
+        require(isinstance(self.lora_targets, (list, tuple)) and all(isinstance(t, str) for t in self.lora_targets),
+                "lora_targets", self.lora_targets, "it must be a list of projection names (e.g. [q_proj, v_proj])")
+
+
+class _LoRAMixin:
+    def _install_lora(self, lm, layers: list[int], targets, key: str) -> None:
+        from modalign.errors import UserError
+
+        blocks = decoder_layers(lm)
+        for name, lora in self.lora.items():
+            i, target = name.split("_", 1)
+            module = self._find(blocks[int(i)], target)
+
+            def hook(mod, args, output, lora=lora):
+                return output + lora(args[0]) if self.enabled else output
+
+            self._handles.append(module.register_forward_hook(hook))
+
+    @staticmethod
+    def _find(block: nn.Module, target: str) -> nn.Linear:
+        from modalign.errors import UserError
+
+        for name, mod in block.named_modules():
+            if name.split(".")[-1] == target and isinstance(mod, nn.Linear):
+                return mod
+        raise UserError(f"config: 'fusion.lora_targets': the LM's blocks have no linear layer '{target}'")
+
+    def _build_lora(self, lm, layers, opts) -> nn.ModuleDict:
+        out = {}
+        if opts.lora_rank:
+            blocks = decoder_layers(lm)
+            for i in layers:
+                for t in opts.lora_targets:
+                    lin = self._find(blocks[i], t)
+                    out[f"{i}_{t}"] = LoRA(lin.in_features, lin.out_features, opts.lora_rank, opts.lora_alpha)
+        return nn.ModuleDict(out)
+
+
+@register_variant("fusion", "additive", approach="a gated adapter adds the modality signal to the residual stream at chosen layers",
+                  key_features=["residual scale alpha (init, max)", "optional LoRA"], status="experimental",
+                  **MAINTAINERS)
+class AdditiveFusion(_LoRAMixin, Fusion):
+    Options = AdditiveOptions
+
+    def __init__(self, options, lm, width: int):
+        super().__init__()
+        n = len(decoder_layers(lm))
+        self.opts = options
+        self.layer_ids = check_layers(options.layers, n, "fusion.layers")
+        self.adapters = nn.ModuleDict({str(i): nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+                                       for i in self.layer_ids})
+        self.alpha = nn.ParameterDict({str(i): nn.Parameter(torch.tensor(float(options.init))) for i in self.layer_ids})
+        self.lora = self._build_lora(lm, self.layer_ids, options)
+
+    def scale(self, i: int) -> torch.Tensor:
+        return self.alpha[str(i)].clamp(-self.opts.max, self.opts.max)
+
+    def install(self, lm):
+        blocks = decoder_layers(lm)
+        for i in self.layer_ids:
+            def hook(mod, args, output, i=i):
+                if not self.enabled or self.signal is None:
+                    return output
+                h = _hidden(output)
+                add = self.adapters[str(i)](self.signal.mean(1)).to(h.dtype)  # (B, width)
+                return _replace_hidden(output, h + self.scale(i) * _match_batch(add, h.shape[0])[:, None, :])
+
+            self._handles.append(blocks[i].register_forward_hook(hook))
+        self._install_lora(lm, self.layer_ids, self.opts.lora_targets, "fusion.lora_targets")
+
+    def gates(self):
+        return {f"alpha_{i}": float(self.scale(i).detach()) for i in self.layer_ids}
+
+    def components(self):
+        out = {"adapter": list(self.adapters.parameters()) + list(self.alpha.parameters())}
+        if len(self.lora):
+            out["lora"] = list(self.lora.parameters())
+        return out
+
+
+@dataclass
+class CrossAttnOptions(Options):
+    layers: list = field(default_factory=lambda: [8, 16, 24])  # after which decoder blocks a gated block sits
+    heads: int = 8
+    ff_mult: int = 2
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self) -> None:
+        at_least(self, "heads", 1)
+        at_least(self, "ff_mult", 1)
+        at_least(self, "lora_rank", 0)
+        require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "it must be > 0")
+
+
+class GatedCrossAttention(nn.Module):
+    """h + tanh(g_attn)·attn(LN(h), soft) and then + tanh(g_ff)·FF(LN(h)); both gates start at 0."""
+
+    def __init__(self, width: int, heads: int, ff_mult: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(width, width * ff_mult), nn.GELU(), nn.Linear(width * ff_mult, width))
+        self.gate_attn = nn.Parameter(torch.zeros(()))
+        self.gate_ff = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(self.norm1(h), soft, soft, need_weights=False)
+        h = h + torch.tanh(self.gate_attn) * a
+        return h + torch.tanh(self.gate_ff) * self.ff(self.norm2(h))
+
+
+@register_variant("fusion", "cross_attn", approach="gated cross-attention from text to soft tokens at chosen layers (Flamingo-style)",
+                  key_features=["tanh gates at 0", "optional LoRA"], status="experimental", **MAINTAINERS)
+class CrossAttnFusion(_LoRAMixin, Fusion):
+    Options = CrossAttnOptions
+
+    def __init__(self, options, lm, width: int):
+        super().__init__()
+        from modalign.errors import UserError
+
+        n = len(decoder_layers(lm))
+        self.opts = options
+        self.layer_ids = check_layers(options.layers, n, "fusion.layers")
+        if width % options.heads:
+            raise UserError(f"config: 'fusion.heads'={options.heads} does not divide the LM's width {width}")
+        self.blocks = nn.ModuleDict({str(i): GatedCrossAttention(width, options.heads, options.ff_mult)
+                                     for i in self.layer_ids})
+        self.lora = self._build_lora(lm, self.layer_ids, options)
+
+    def install(self, lm):
+        blocks = decoder_layers(lm)
+        for i in self.layer_ids:
+            def hook(mod, args, output, i=i):
+                if not self.enabled or self.signal is None:
+                    return output
+                h = _hidden(output)
+                soft = _match_batch(self.signal, h.shape[0]).to(h.dtype)
+                return _replace_hidden(output, self.blocks[str(i)](h, soft))
+
+            self._handles.append(blocks[i].register_forward_hook(hook))
+        self._install_lora(lm, self.layer_ids, self.opts.lora_targets, "fusion.lora_targets")
+
+    def gates(self):
+        out = {}
+        for i in self.layer_ids:
+            b = self.blocks[str(i)]
+            out[f"attn_{i}"] = float(torch.tanh(b.gate_attn.detach()))
+            out[f"ff_{i}"] = float(torch.tanh(b.gate_ff.detach()))
+        return out
+
+    def components(self):
+        out = {"adapter": list(self.blocks.parameters())}
+        if len(self.lora):
+            out["lora"] = list(self.lora.parameters())
+        return out
+
+
+def build_fusion(kind: str, options: dict, lm, width: int) -> Fusion:
+    """The registered fusion variant `kind` with its options (typed and checked by the caller)."""
+    variant = get_variant("fusion", kind)
+    opts = options if isinstance(options, Options) else variant.obj.Options(**options)
+    return variant.obj(opts, lm, width)
+
+
+# --- the fused model ---------------------------------------------------------------------------
+
+
+class FuseOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L, V) next-token logits at the caption positions
+    targets: torch.Tensor  # (B, L) caption + eos token ids, -1 = padding
+    soft_norm: torch.Tensor  # () mean norm of the soft tokens (0 without modality input)
+
+
+class FusedLM(nn.Module):
+    """The frozen LM with a modality side. `start_ids` (S,) is what precedes the caption.
+
+    batch: the modality batch (tokens_id, tokens_cont, mask, globals) and "text" (B, L) caption
+    token ids followed by eos, padded with -1."""
+
+    def __init__(self, modality: nn.Module | None, lm, projector: Projector | None, fusion: Fusion,
+                 start_ids: list[int], freeze_encoder: bool = True, features: str = "embedding"):
+        super().__init__()
+        self.modality = modality
+        self.lm = lm
+        self.projector = projector
+        self.fusion = fusion
+        self.features = features
+        self.freeze_encoder = freeze_encoder
+        self.register_buffer("start_ids", torch.tensor(start_ids, dtype=torch.long), persistent=False)
+        if modality is not None:
+            modality.requires_grad_(not freeze_encoder)
+        lm.requires_grad_(False)
+        fusion.install(lm)
+        emb = lm.get_input_embeddings().weight
+        self.text_norm = float(emb.detach().float().norm(dim=-1).mean())
+
+    # checkpoints: trainable parameters and buffers, never the frozen LM ------------------------
+    def _kept(self, key: str) -> bool:
+        if key.startswith("lm."):
+            return key in self._trainable_lm
+        if key.startswith("modality.") and self.freeze_encoder:
+            return False
+        return True
+
+    @property
+    def _trainable_lm(self) -> set[str]:
+        return {f"lm.{n}" for n, p in self.lm.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for k in [k for k in full if not self._kept(k[len(prefix):])]:
+            del full[k]
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if self._kept(k)]
+        if strict and (missing or result.unexpected_keys):
+            what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
+            raise RuntimeError(f"Error(s) in loading state_dict for FusedLM: {what}")
+        return result
+
+    # parts ---------------------------------------------------------------------------------------
+    def components(self) -> dict[str, list[nn.Parameter]]:
+        out: dict[str, list[nn.Parameter]] = {}
+        if self.projector is not None:
+            out["projector"] = list(self.projector.parameters())
+        out.update(self.fusion.components())
+        if self.modality is not None and not self.freeze_encoder:
+            out["encoder"] = list(self.modality.encoder.parameters()) + list(self.modality.head.parameters())
+        return out
+
+    def soft_tokens(self, batch: dict) -> torch.Tensor | None:
+        if not self.fusion.uses_modality or self.projector is None:
+            return None
+        grad = torch.enable_grad() if (self.training and not self.freeze_encoder) else torch.no_grad()
+        with grad:
+            if self.features == "embedding":
+                feats = self.modality.encode_modality(batch).embedding
+            else:
+                feats, _ = self.modality.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"],
+                                                 batch["globals"])
+        return self.projector(feats.float())
+
+    @contextlib.contextmanager
+    def _signal(self, soft):
+        self.fusion.signal = soft
+        try:
+            yield
+        finally:
+            self.fusion.signal = None
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def _inputs(self, soft: torch.Tensor | None, batch_size: int, text: torch.Tensor | None):
+        """-> inputs_embeds, attention_mask, the number of positions before the caption."""
+        start = self._embed(self.start_ids).unsqueeze(0).expand(batch_size, -1, -1)
+        parts = [start]
+        pre = self.fusion.prefix(soft, batch_size)
+        if pre is not None:
+            parts.insert(0, pre.to(start.dtype))
+        n_before = sum(p.shape[1] for p in parts)
+        mask = [torch.ones(batch_size, n_before, dtype=torch.long, device=start.device)]
+        if text is not None:
+            parts.append(self._embed(text.clamp(min=0)))
+            mask.append((text >= 0).long())
+        return torch.cat(parts, 1), torch.cat(mask, 1), n_before
+
+    def forward(self, batch: dict) -> FuseOutput:
+        text = batch["text"]  # (B, L) caption + eos, -1 padded
+        soft = self.soft_tokens(batch)
+        b = text.shape[0]
+        embeds, mask, n_before = self._inputs(soft, b, text[:, :-1])
+        with self._signal(soft):
+            hidden = self._body(embeds, mask)
+        # position t predicts token t+1: the caption's tokens are predicted from n_before-1 onwards
+        h = hidden[:, n_before - 1:]
+        logits = self.lm.get_output_embeddings()(h)
+        soft_norm = soft.detach().float().norm(dim=-1).mean() if soft is not None else torch.zeros((), device=text.device)
+        return FuseOutput(logits, text, soft_norm)
+
+    def _body(self, embeds, mask):
+        base = getattr(self.lm, "model", None) or getattr(self.lm, "transformer")
+        return base(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def text_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the LM (with whatever the fusion changed, e.g. LoRA) over text alone: (B, L, V)."""
+        mask = (ids >= 0).long()
+        return self.lm(inputs_embeds=self._embed(ids.clamp(min=0)), attention_mask=mask, use_cache=False).logits
+
+    @contextlib.contextmanager
+    def frozen_lm(self):
+        """The LM exactly as loaded: every hook off (for the retention baseline)."""
+        self.fusion.enabled = False
+        try:
+            yield
+        finally:
+            self.fusion.enabled = True
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> list[list[int]]:
+        """Captions for a batch: greedy (num_beams 1) or beam search. -> token ids per sample, without eos."""
+        b = batch["tokens_id"].shape[0]
+        soft = self.soft_tokens(batch)
+        embeds, mask, _ = self._inputs(soft, b, None)
+        with self._signal(soft):
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, length_penalty=length_penalty, do_sample=False,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        rows = []
+        for seq in out.tolist():
+            if eos_token_id is not None and eos_token_id in seq:
+                seq = seq[: seq.index(eos_token_id)]
+            rows.append(seq)
+        return rows
+
+
+def caption_loss(out: FuseOutput) -> dict[str, torch.Tensor]:
+    """Teacher-forced cross-entropy over caption and eos tokens (mean over real tokens)."""
+    targets = out.targets
+    valid = targets >= 0
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+    ce = (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
+    return {"loss": ce, "xe": ce.detach()}
+
+
+def per_example_xe(out: FuseOutput) -> torch.Tensor:
+    """(B,) mean cross-entropy of each sample's caption tokens."""
+    valid = out.targets >= 0
+    ce = F.cross_entropy(out.logits.float().transpose(1, 2), out.targets.clamp(min=0), reduction="none")
+    return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)

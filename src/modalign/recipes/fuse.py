@@ -1,0 +1,410 @@
+"""The `fuse` recipe (stage 3): a stage-2 encoder fused into a frozen language model, trained to caption.
+
+    modalign train --recipe fuse encoder.init_from=outputs/runs/<an align run> fusion=additive
+    modalign sweep experiment=fuse_baselines
+
+setup -> fit (teacher-forced caption cross-entropy) -> test (decode, captioning metrics, retention)
+-> facts. The LM (default SmolLM2-135M-Instruct, `modalign.models.lm`) and, by default, the encoder
+stay frozen; the projector and the fusion variant's parameters train (`modalign.models.fusion`).
+run.json `parents` records the align run's checkpoint and the LM, each with its sha256.
+Checkpoints hold the trainable parameters only. See docs/stage3.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from modalign.errors import UserError
+from modalign.eval.evaluation import Evaluation
+from modalign.options import Options, at_least, one_of
+from modalign.recipes.align import load_data
+from modalign.recipes.config import to_container, typed
+from modalign.recipes.settings import read_env, read_training
+from modalign.runs.writer import RunWriter
+
+log = logging.getLogger("modalign")
+# optimizer groups; each model has the ones its fusion variant trains (trainer.optim.<component>)
+COMPONENTS = ("projector", "adapter", "lora", "lm_blocks", "prompt", "encoder")
+PROBE = Path(__file__).resolve().parents[1] / "eval" / "retention_probe.json"
+
+
+@dataclass
+class FuseEval(Options):
+    split: str = "test"
+    val_samples: int = 64  # val samples decoded at each evaluation (the first N); the test split is decoded whole
+    batch_size: int = 32
+    samples_in_card: int = 8
+    retention: bool = True  # text-only perplexity and greedy continuations of a fixed probe, before and after
+
+    def validate(self) -> None:
+        one_of(self, "split", ("train", "val", "test"))
+        for name in ("val_samples", "batch_size"):
+            at_least(self, name, 1)
+        at_least(self, "samples_in_card", 0)
+
+
+@dataclass
+class DecodeOptions(Options):
+    max_new_tokens: int = 40
+    num_beams: int = 1  # 1 = greedy
+    length_penalty: float = 1.0
+
+    def validate(self) -> None:
+        at_least(self, "max_new_tokens", 1)
+        at_least(self, "num_beams", 1)
+
+
+def find_checkpoint(source: str, key: str) -> Path:
+    p = Path(source).expanduser()
+    if p.is_dir():
+        d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        p = d / "best.pt" if (d / "best.pt").exists() else d / "last.pt"
+    if not p.exists():
+        raise UserError(f"{key}={source}: no checkpoint there (a run directory with checkpoints/best.pt, or a .pt file)")
+    return p
+
+
+def load_align_model(source: str, data):
+    """The stage-2 AlignModel of an align run (its best checkpoint) -> (model, parent record)."""
+    from modalign.models.align import AlignModel, AlignModelConfig
+    from modalign.runs.provenance import sha256_file
+    from modalign.train.checkpoint import load_checkpoint
+
+    p = find_checkpoint(source, "encoder.init_from")
+    payload = load_checkpoint(p)
+    if payload.get("recipe") not in (None, "align") or "encoder" not in payload.get("model_config", {}):
+        raise UserError(f"{p}: not an align run's checkpoint (stage 3 takes its encoder and head from stage 2)")
+    try:
+        mcfg = AlignModelConfig.from_dict(payload["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{p}: its model_config cannot be read ({e})") from None
+    enc = mcfg.encoder
+    for key, ours in (("vocab_size", data.vocab_size), ("n_cont", data.n_cont), ("n_globals", data.n_globals)):
+        if getattr(enc, key) != ours:
+            raise UserError(f"{p}: its encoder was trained on data with {key}={getattr(enc, key)}, this data has "
+                            f"{key}={ours} (use an align run on the same kind of data)")
+    if data.seq_len > enc.max_len:
+        raise UserError(f"{p}: its encoder takes up to {enc.max_len} tokens; this data has {data.seq_len}")
+    model = AlignModel(mcfg)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise UserError(f"{p}: the weights do not fit its own model_config ({str(e).splitlines()[0]})") from None
+    return model, {"role": "encoder", "path": str(p.resolve()), "sha256": sha256_file(p), "step": payload.get("step"),
+                   "recipe": "align"}
+
+
+class FuseRecipe:
+    def __init__(self, cfg, writer: RunWriter, progress: bool = True, world=None):
+        from modalign.train.distributed import SINGLE
+
+        self.cfg, self.writer, self.show_progress = cfg, writer, progress
+        self.world = world or SINGLE
+
+    # setup ------------------------------------------------------------------------------------
+    def read_config(self) -> None:
+        """Every option, typed and checked, before any data or model is loaded."""
+        from modalign.models.fusion import ProjectorOptions
+        from modalign.models.lm import LMOptions
+        from modalign.registry import get_variant
+
+        cfg = self.cfg
+        self.seed, self.trainer_cfg, self.optim_cfg = read_training(cfg, COMPONENTS)
+        self.env = read_env(cfg)
+        self.eval_cfg = typed(FuseEval, to_container(cfg.eval, "eval"), "eval")
+        self.decode = typed(DecodeOptions, to_container(cfg.decode, "decode"), "decode")
+        self.lm_opts = typed(LMOptions, to_container(cfg.lm, "lm"), "lm")
+        self.proj_opts = typed(ProjectorOptions, to_container(cfg.projector, "projector"), "projector")
+        fusion = to_container(cfg.fusion, "fusion")
+        kind = fusion.pop("kind", None)
+        if not isinstance(kind, str):
+            raise UserError(f"config: 'fusion.kind' must be a fusion variant name, got {kind!r}")
+        self.variant = get_variant("fusion", kind)
+        self.fusion_opts = typed(self.variant.obj.Options, fusion, "fusion")
+        enc = to_container(cfg.encoder, "encoder")
+        unknown = sorted(set(enc) - {"init_from", "freeze"})
+        if unknown:
+            raise UserError(f"config: unknown key 'encoder.{unknown[0]}' (stage 3 takes its encoder from "
+                            f"encoder.init_from; known: freeze, init_from)")
+        self.init_from, self.freeze = enc.get("init_from"), enc.get("freeze", True)
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise UserError(f"config: 'encoder.init_from' must be an align run directory or checkpoint, got {self.init_from!r}")
+        if not isinstance(self.freeze, bool):
+            raise UserError(f"config: 'encoder.freeze' must be true or false, got {self.freeze!r}")
+        if self.init_from is None and self.variant.obj.uses_modality:
+            raise UserError(f"config: 'encoder.init_from' is required for fusion={kind} (an align run directory: "
+                            f"stage 3 fuses a stage-2 encoder)")
+
+    def setup(self) -> None:
+        import torch
+
+        from modalign.data.batches import PairedTensors
+        from modalign.models.fusion import FusedLM, Projector, auto_scale, build_fusion, caption_loss
+        from modalign.models.lm import load_lm
+        from modalign.train.allocator import tune_malloc
+        from modalign.train.device import resolve_device, set_tf32
+
+        self.read_config()
+        t = self.trainer_cfg
+        self.malloc = tune_malloc(self.env.malloc)
+        self.device = resolve_device(self.env.device)
+        set_tf32(self.env.tf32)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(self.seed)
+
+        self.data = load_data(self.cfg).validate()
+        self.splits = {s: self.data.subset(s) for s in ("train", "val", "test")}
+        if len(self.splits["train"]) < 2:
+            raise UserError(f"{self.data.source}: the train split has fewer than 2 samples")
+        self.parents: list[dict] = []
+        modality = None
+        if self.init_from is not None:
+            modality, parent = load_align_model(self.init_from, self.data)
+            self.parents.append(parent)
+        self.lm = load_lm(self.lm_opts)
+        self.parents.append(self.lm.identity)
+        tok, lm = self.lm.tokenizer, self.lm.model
+        self.eos = tok.eos_token_id
+        self.start_ids = self._start_ids(tok)
+        self.table, self.index = self._caption_table(tok)
+        groups = torch.arange(len(self.table))
+        self.tensors = {s: PairedTensors(d, self._rows(d), self.table, groups) for s, d in self.splits.items()}
+
+        width = int(lm.config.hidden_size)
+        torch.manual_seed(self.seed)  # the trainable parts' init depends on the seed only
+        fusion = build_fusion(self.variant.name, self.fusion_opts, lm, width)
+        projector = None
+        if fusion.uses_modality:
+            in_dim = modality.cfg.embed_dim if self.proj_opts.features == "embedding" else modality.cfg.encoder.width
+            scale = self.proj_opts.scale or auto_scale(lm.get_input_embeddings().weight)
+            projector = Projector(self.proj_opts, in_dim, width, scale)
+            self.projector_scale = scale
+        else:
+            modality, self.projector_scale = None, None
+        self.model = FusedLM(modality, lm, projector, fusion, self.start_ids, freeze_encoder=self.freeze,
+                             features=self.proj_opts.features)
+        self.model.to(self.device)
+
+        class Objective(torch.nn.Module):  # stateless; a module so the trainer checkpoints it like any other
+            def inputs(self, batch):
+                return batch
+
+            def forward(self, out, batch):
+                return caption_loss(out)
+
+        self.objective = Objective()
+        names = self.metric_names()
+        if t.monitor.removeprefix("val/") not in names:
+            raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
+                            f"(have: {', '.join('val/' + m for m in names)})")
+
+    def _start_ids(self, tok) -> list[int]:
+        if self.lm_opts.template == "chat":
+            if not getattr(tok, "chat_template", None):
+                raise UserError(f"config: 'lm.template'=chat, but the LM {self.lm_opts.name} has no chat template")
+            ids = tok.apply_chat_template([{"role": "user", "content": self.lm_opts.prompt}],
+                                          add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return [int(bos)]
+
+    def _caption_table(self, tok):
+        """Every distinct caption as LM token ids + eos, padded with -1 -> (table (U, L), {text: row})."""
+        import torch
+
+        index: dict[str, int] = {}
+        for caps in self.data.captions:
+            for c in caps:
+                index.setdefault(c, len(index))
+        encoded = tok(list(index), add_special_tokens=False)["input_ids"]
+        longest = max(len(e) for e in encoded) + 1
+        table = torch.full((len(encoded), longest), -1, dtype=torch.long)
+        for i, e in enumerate(encoded):
+            table[i, : len(e) + 1] = torch.tensor(e + [self.eos])
+        return table, index
+
+    def _rows(self, data) -> np.ndarray:
+        k = max(len(c) for c in data.captions)
+        out = np.full((len(data), k), -1, np.int64)
+        for i, caps in enumerate(data.captions):
+            out[i, : len(caps)] = [self.index[c] for c in caps]
+        return out
+
+    def metric_names(self) -> list[str]:
+        return ["xe", "cider_d", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "pred_words", "distinct_preds",
+                "soft_norm_ratio"]
+
+    def setup_training(self) -> None:
+        from modalign.data.batches import EpochSampler
+        from modalign.train.loop import Trainer
+        from modalign.train.optim import build_optimizer, build_scheduler
+        from modalign.train.progress import TrainProgress
+
+        t = self.trainer_cfg
+        opt = build_optimizer(self.model.components(), self.optim_cfg)
+        sched = build_scheduler(opt, self.optim_cfg, t.max_steps)
+        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, self.seed, t.accumulate)
+        self.resume = self.writer.load_checkpoint("last.pt") if self.cfg.resume is not None else None
+        keep = int(self.resume["step"]) if self.resume is not None else (0 if self.cfg.resume is not None else None)
+        self.writer.open_metrics(keep_until_step=keep)
+        progress = TrainProgress(f"fuse {self.writer.path.name[:36]}", t.monitor.removeprefix("val/")) \
+            if self.show_progress else None
+        describe = {"model_config": self.model_config(), "recipe": "fuse", "lm_sha256": self.lm.identity["sha256"]}
+        self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
+                               lambda: self.evaluate("val", limit=self.eval_cfg.val_samples).metrics, t, [self.writer],
+                               describe=describe, progress=progress, device=self.device)
+        self.retention_before = self.retention(frozen=True) if self.eval_cfg.retention else None
+        self._write_provenance()
+
+    def model_config(self) -> dict:
+        return {"fusion": {"kind": self.variant.name, **asdict(self.fusion_opts)}, "projector": asdict(self.proj_opts),
+                "projector_scale": self.projector_scale, "lm": self.lm.identity, "start_ids": self.start_ids,
+                "encoder_frozen": self.freeze}
+
+    def _write_provenance(self) -> None:
+        import torch
+
+        from modalign.runs.provenance import code_info
+        from modalign.train.device import env_info
+
+        params = {k: sum(p.numel() for p in ps) for k, ps in self.model.components().items()}
+        self.writer.update(
+            seed=self.seed,
+            variant=self.variant.metadata(),
+            code=code_info(),
+            env=env_info(torch.get_num_threads(), self.device, self.malloc),
+            data={"name": self.cfg.data.name, "source": self.data.source,
+                  "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
+            parents=self.parents,
+            lm={k: self.lm.identity[k] for k in ("name", "sha256", "layers", "width", "vocab", "params")},
+            eval={"protocol": "captioning", "version": 1, "split": self.eval_cfg.split, "metrics": self.metric_names(),
+                  "decode": asdict(self.decode)},
+            params={"total": sum(p.numel() for p in self.model.parameters()) + sum(
+                        p.numel() for p in self.lm.model.parameters() if not p.requires_grad),
+                    "trainable": sum(params.values()), "by_component": params},
+        )
+
+    # evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, split: str, limit: int | None = None) -> Evaluation:
+        """Teacher-forced cross-entropy, decoded captions and their metrics on `split` (the first
+        `limit` samples), the soft-to-text token norm ratio, and the gates."""
+        import torch
+
+        from modalign.eval.captioning import caption_scores
+        from modalign.models.fusion import per_example_xe
+        from modalign.train.device import to_device
+
+        data = self.tensors[split]
+        n = data.n if limit is None else min(limit, data.n)
+        tok = self.lm.tokenizer
+        self.model.eval()
+        xe, soft_norms, preds = [], [], []
+        bs = self.eval_cfg.batch_size
+        with torch.no_grad():
+            for start in range(0, n, bs):
+                idx = torch.arange(start, min(n, start + bs))
+                batch = to_device(data.batch(idx), self.device)
+                out = self.model(batch)
+                xe.append(per_example_xe(out).cpu().numpy())
+                soft_norms.append(float(out.soft_norm))
+                rows = self.model.generate(batch, self.decode.max_new_tokens, self.decode.num_beams,
+                                           self.decode.length_penalty, eos_token_id=self.eos, pad_token_id=self.eos)
+                preds += [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+        self.model.train()
+        refs = [list(c) for c in self.splits[split].captions[:n]]
+        metrics, per = caption_scores(preds, refs)
+        per["xe"] = np.concatenate(xe)
+        metrics["xe"] = float(per["xe"].mean())
+        metrics["soft_norm_ratio"] = float(np.mean(soft_norms)) / self.model.text_norm
+        metrics.update({f"gate/{k}": v for k, v in self.model.fusion.gates().items()})
+        ids = self.splits[split].ids[:n]
+        predictions = [{"id": str(i), "prediction": p, "references": r} for i, p, r in zip(ids, preds, refs)]
+        return Evaluation(metrics, per, extra={"predictions": predictions})
+
+    def retention(self, frozen: bool) -> dict:
+        """Text-only perplexity of the probe texts and greedy continuations of the probe prompts, by the
+        frozen LM (`frozen`) or by the fused model without modality input."""
+        import json
+
+        import torch
+        import torch.nn.functional as F
+
+        probe = json.loads(PROBE.read_text())
+        tok, model = self.lm.tokenizer, self.model
+        bos = self.start_ids[:1] if self.lm_opts.template == "plain" else []
+        ctx = model.frozen_lm() if frozen else _null()
+        self.model.eval()
+        with torch.no_grad(), ctx:
+            nll, count = 0.0, 0
+            for text in probe["texts"]:
+                ids = torch.tensor([bos + tok(text, add_special_tokens=False)["input_ids"] + [self.eos]],
+                                   device=self.device)
+                logits = model.text_logits(ids)[0, :-1]
+                nll += float(F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum"))
+                count += ids.shape[1] - 1
+            conts = []
+            for prompt in probe["prompts"]:
+                ids = torch.tensor([bos + tok(prompt, add_special_tokens=False)["input_ids"]], device=self.device)
+                out = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                        do_sample=False, num_beams=1, eos_token_id=self.eos, pad_token_id=self.eos)
+                conts.append(out[0, ids.shape[1]:].tolist())
+        self.model.train()
+        return {"ppl": math.exp(nll / count), "continuations": conts, "probe_version": probe["version"]}
+
+    def test(self, split: str | None = None) -> Evaluation:
+        best = self.writer.load_checkpoint("best.pt")
+        if best is not None:
+            self.model.load_state_dict(best["model"])
+        return self.evaluate(split or self.eval_cfg.split)
+
+    def chance(self, split: str) -> dict[str, float]:
+        return {}
+
+    def write_facts(self, fit: dict, test: Evaluation, wall: float) -> dict:
+        from modalign.runs.facts import build_summary
+
+        split = self.eval_cfg.split
+        metrics = dict(test.metrics)
+        if self.retention_before is not None:
+            after = self.retention(frozen=False)
+            same = [a == b for a, b in zip(after["continuations"], self.retention_before["continuations"])]
+            metrics.update({"retention/ppl_before": self.retention_before["ppl"], "retention/ppl_after": after["ppl"],
+                            "retention/ppl_ratio": after["ppl"] / self.retention_before["ppl"],
+                            "retention/exact_match": float(np.mean(same))})
+        summary = build_summary(self.writer.run.info(), self.writer.run.read_metrics(), split, metrics, fit,
+                                wall, chance={})
+        preds = test.extra["predictions"]
+        summary["samples"] = preds[: self.eval_cfg.samples_in_card]
+        self.writer.write_lines(f"facts/predictions_{split}.jsonl", preds)
+        self.writer.write_facts(summary, split, self.splits[split], test.per_example)
+        for p in summary["samples"][:3]:
+            log.info("sample %s: %r (reference: %r)", p["id"], p["prediction"], p["references"][0])
+        return summary
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.setup()
+        self.setup_training()
+        try:
+            fit = self.trainer.fit(self.resume)
+        finally:
+            self.writer.close()
+        test = self.test()
+        wall = time.perf_counter() - t0 + self.trainer.seconds_before
+        summary = self.write_facts(fit, test, wall)
+        return summary[self.eval_cfg.split][self.trainer_cfg.monitor.removeprefix("val/")]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,274 @@
+"""Stage 3 (`fuse`): fusion variants on a real transformers causal LM, the captioning metrics, the
+offline LM loader with its dequantized cache, and whole runs through the CLI (resume after SIGKILL,
+checkpoints without LM weights, bad input as one line)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from modalign.errors import UserError
+
+
+def tiny_llama(layers: int = 4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class FeatureModality(torch.nn.Module):
+    """A stand-in stage-2 model with the AlignModel interface the fused model uses (encoder, head,
+    encode_modality): the features are a linear map of the batch's globals."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = torch.nn.Linear(3, 16), torch.nn.Linear(16, 16)
+
+    def encode_modality(self, batch):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(embedding=self.head(self.encoder(batch["globals"])))
+
+
+def fused(kind: str, options: dict, lm=None):
+    from modalign.models.fusion import FusedLM, Projector, ProjectorOptions, auto_scale, build_fusion
+
+    lm = lm or tiny_llama()
+    fusion = build_fusion(kind, options, lm, 32)
+    proj = Projector(ProjectorOptions(tokens=2, hidden=16), 16, 32, auto_scale(lm.get_input_embeddings().weight))
+    return FusedLM(FeatureModality(), lm, proj if fusion.uses_modality else None, fusion, [1])
+
+
+def batch(n: int = 3):
+    g = torch.Generator().manual_seed(1)
+    return {"tokens_id": torch.zeros(n, 5, dtype=torch.long), "globals": torch.randn(n, 3, generator=g),
+            "text": torch.tensor([[5, 6, 7, 2], [8, 9, 2, -1], [4, 2, -1, -1]])[:n]}
+
+
+GATED = [("additive", {"layers": [1, 3], "lora_rank": 2}), ("cross_attn", {"layers": [0, 2], "heads": 4, "lora_rank": 2})]
+
+
+@pytest.mark.parametrize("kind,options", GATED, ids=[k for k, _ in GATED])
+def test_closed_gates_give_the_frozen_lms_logits_exactly(kind, options):
+    reference = tiny_llama()
+    model = fused(kind, options, tiny_llama())
+    with torch.no_grad():
+        if kind == "additive":
+            for a in model.fusion.alpha.values():
+                a.zero_()  # cross_attn's tanh gates start at 0 already
+        for lora in model.fusion.lora.values():
+            assert torch.count_nonzero(lora.B) == 0  # LoRA B starts at 0
+        ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2], [1, 4, 2, 3]])
+        with model._signal(model.soft_tokens(batch())):
+            ours = model.lm(input_ids=ids).logits
+        assert torch.equal(ours, reference(input_ids=ids).logits)
+        # and with the gates open the modality changes them: the hooks are really in the path
+        for lora in model.fusion.lora.values():
+            lora.B.normal_()
+        with model._signal(model.soft_tokens(batch())):
+            assert not torch.equal(model.lm(input_ids=ids).logits, reference(input_ids=ids).logits)
+        with model.frozen_lm(), model._signal(model.soft_tokens(batch())):  # the retention baseline: all hooks off
+            assert torch.equal(model.lm(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kind,options", [("prefix", {}), ("none", {"tokens": 3}), ("partial_unfreeze", {"blocks": 1}),
+                                          *GATED], ids=["prefix", "none", "partial_unfreeze", "additive", "cross_attn"])
+def test_every_variant_trains_its_parts_and_checkpoints_no_frozen_lm_weight(kind, options):
+    model = fused(kind, options)
+    out = model(batch())
+    from modalign.models.fusion import caption_loss
+
+    caption_loss(out)["loss"].backward()
+    comps = model.components()
+    assert comps, kind
+    for name, params in comps.items():
+        if kind == "cross_attn" and name in ("projector", "lora"):
+            continue  # behind tanh gates at 0 and LoRA B = 0 they get gradients once the gates open (Flamingo)
+        assert sum(float(p.grad.norm()) for p in params if p.grad is not None) > 0, (kind, name)
+    state = model.state_dict()
+    lm_keys = [k for k in state if k.startswith("lm.")]
+    if kind == "partial_unfreeze":
+        assert lm_keys and all(k.startswith(("lm.model.layers.3.", "lm.model.norm.")) for k in lm_keys)
+    else:
+        assert lm_keys == []
+    assert not any(k.startswith("modality.") for k in state)  # the frozen encoder is its parent's, not ours
+    again = fused(kind, options)
+    again.load_state_dict(state)  # strict: every trainable tensor is there
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(RuntimeError, match="missing"):
+        again.load_state_dict({k: v for k, v in list(state.items())[1:]})
+
+
+def test_generation_is_batched_and_beam_search_keeps_samples_apart():
+    model = fused("additive", {"layers": [1, 3]})
+    b = batch()
+    greedy = model.generate(b, 5, num_beams=1, eos_token_id=2, pad_token_id=2)
+    beams = model.generate(b, 5, num_beams=3, eos_token_id=2, pad_token_id=2)
+    assert len(greedy) == len(beams) == 3
+    for i in range(3):  # one sample at a time gives the same greedy caption as the batch
+        alone = model.generate({k: v[i:i + 1] for k, v in b.items()}, 5, eos_token_id=2, pad_token_id=2)
+        assert alone[0] == greedy[i]
+
+
+def test_soft_tokens_are_bounded_by_the_scale_and_the_auto_scale_matches_the_embedding_norm():
+    from modalign.models.fusion import auto_scale
+
+    emb = torch.randn(1000, 64) * 0.1
+    s = auto_scale(emb)
+    # units uniform in (-1, 1) have rms 1/sqrt(3): such a soft token has the mean embedding norm
+    u = (torch.rand(20000, 64) * 2 - 1) * s
+    assert float(u.norm(dim=-1).mean()) == pytest.approx(float(emb.norm(dim=-1).mean()), rel=0.02)
+    model = fused("prefix", {})
+    soft = model.soft_tokens(batch())
+    assert soft.shape == (3, 2, 32) and soft.abs().max() <= model.projector.scale
+
+
+# --- captioning metrics ------------------------------------------------------------------------
+
+
+def test_caption_metrics_perfect_empty_and_means():
+    from modalign.eval.captioning import caption_scores
+
+    refs = [["a person cooks in the kitchen in the morning", "someone makes breakfast in the kitchen"],
+            ["the resident sleeps in the bedroom at night"], ["a person watches tv in the living room"]]
+    preds = ["a person cooks in the kitchen in the morning", "", "someone watches tv in the living room"]
+    metrics, per = caption_scores(preds, refs)
+    assert per["bleu_4"][0] == pytest.approx(100.0, abs=1e-6) and per["rouge_l"][0] == pytest.approx(100.0)
+    assert per["cider_d"][1] == 0 and per["bleu_4"][1] == pytest.approx(0, abs=1e-3) and per["rouge_l"][1] == 0
+    assert metrics["cider_d"] == pytest.approx(per["cider_d"].mean()) and metrics["rouge_l"] == pytest.approx(per["rouge_l"].mean())
+    assert 0 < metrics["bleu_4"] < 100 and per["cider_d"][0] > 0 and per["cider_d"][2] > 0
+    assert "meteor" not in metrics and "spice" not in metrics  # never substituted under another name
+
+
+# --- the LM loader -----------------------------------------------------------------------------
+
+
+def test_the_real_smollm2_loads_offline_and_the_dequantized_cache_gives_the_same_model(tmp_path, monkeypatch):
+    from modalign.models.lm import LMOptions, default_lm_file, load_lm
+    from modalign.runs.provenance import sha256_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    opts = LMOptions(cache_dir=str(tmp_path / "lm"))
+    cold = load_lm(opts)
+    assert not cold.cached and cold.identity["layers"] == 30 and cold.identity["width"] == 576
+    assert cold.identity["sha256"] == sha256_file(default_lm_file())
+    ids = torch.tensor([cold.tokenizer("The sun rises in the east.")["input_ids"]])
+    with torch.no_grad():
+        a = cold.model(input_ids=ids).logits
+    del cold
+    warm = load_lm(opts)
+    assert warm.cached and not any(p.requires_grad for p in warm.model.parameters())
+    with torch.no_grad():
+        assert torch.equal(warm.model(input_ids=ids).logits, a)
+    assert list((tmp_path / "lm").glob("*.tmp*")) == []  # no half-written cache left behind
+
+
+def test_an_lm_path_that_is_not_there_is_one_line(tmp_path):
+    from modalign.models.lm import LMOptions, load_lm
+
+    with pytest.raises(UserError, match="never downloads"):
+        load_lm(LMOptions(path=str(tmp_path / "HuggingFaceTB/SmolLM2-135M")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        load_lm(LMOptions(path=str(tmp_path / "empty")))
+
+
+# --- whole runs through the CLI ------------------------------------------------------------------
+
+DATA = ["data.n_train=256", "data.n_val=64", "data.n_test=64"]  # the tiny_run fixture's data
+FAST = [*DATA, "data.n_val=16", "data.n_test=16", "trainer.batch_size=8", "trainer.max_steps=8",
+        "trainer.eval_every=4", "trainer.log_every=2", "eval.val_samples=8", "decode.max_new_tokens=6"]
+
+
+def fuse_args(tiny_lm, tiny_run, *extra):
+    return ["train", "--quiet", "--recipe", "fuse", f"lm.path={tiny_lm}", f"encoder.init_from={tiny_run}", *FAST,
+            "fusion=additive", "fusion.layers=[4,12,20]", "fusion.lora_rank=2", *extra]
+
+
+def only_run(cwd: Path) -> Path:
+    runs = list((cwd / "outputs" / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, cache_dir, tiny_lm, tiny_run):
+    p = run_cli(fuse_args(tiny_lm, tiny_run), tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    run = only_run(tmp_path)
+    summary = json.loads((run / "facts" / "summary.json").read_text())
+    test = summary["test"]
+    for k in ("cider_d", "bleu_4", "rouge_l", "xe", "soft_norm_ratio", "retention/ppl_ratio", "retention/exact_match"):
+        assert np.isfinite(test[k]), k
+    assert any(k.startswith("gate/alpha_") for k in test)
+    preds = [json.loads(line) for line in (run / "facts" / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(preds) == 16 and all(set(r) == {"id", "prediction", "references"} and r["references"] for r in preds)
+    import pandas as pd
+
+    scores = pd.read_parquet(run / "facts" / "scores.parquet")
+    assert len(scores) == 16 and scores["cider_d"].mean() == pytest.approx(test["cider_d"])
+    info = json.loads((run / "run.json").read_text())
+    roles = {p["role"]: p for p in info["parents"]}
+    assert roles["encoder"]["path"].startswith(str(tiny_run)) and len(roles["lm"]["sha256"]) == 64
+    assert info["variant"]["name"] == "additive" and info["status"] == "completed"
+    payload = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert not any(k.startswith("lm.") for k in payload["model"])  # trainable parameters only
+    assert payload["lm_sha256"] == roles["lm"]["sha256"]
+    assert "## Sample captions" in (run / "card.md").read_text()
+    # the gradient of every trainable component was logged, and is non-zero
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    grads = {r["name"] for r in rows if r["name"].startswith("grad_norm/") and r["value"] > 0}
+    assert {"grad_norm/projector", "grad_norm/adapter", "grad_norm/lora"} <= grads
+
+
+def test_a_fuse_run_killed_with_sigkill_resumes_to_identical_predictions(tmp_path, cache_dir, tiny_lm, tiny_run):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert run_cli(fuse_args(tiny_lm, tiny_run), straight, cache_dir).returncode == 0
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    p = run_cli(fuse_args(tiny_lm, tiny_run), killed, cache_dir, env_extra={"MODALIGN_FAULTS": "kill:step@6"})
+    assert p.returncode == -9, p.stderr
+    run = only_run(killed)
+    p = run_cli(["train", "--quiet", "--recipe", "fuse", f"resume={run}"], killed, cache_dir)
+    assert p.returncode == 0, p.stderr
+    a, b = only_run(straight), run
+    assert (a / "facts" / "predictions_test.jsonl").read_text() == (b / "facts" / "predictions_test.jsonl").read_text()
+    sa = json.loads((a / "facts" / "summary.json").read_text())["test"]
+    sb = json.loads((b / "facts" / "summary.json").read_text())["test"]
+    assert sa == sb
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["encoder.init_from=null"], "'encoder.init_from' is required for fusion=additive"),
+    (["fusion.layers=[4,99]"], "'fusion.layers' has layer 99, but the LM has layers 0..29"),
+    (["fusion.init=2.0"], "'fusion.init' is 2.0"),
+    (["projector.tokens=0"], "'projector.tokens' is 0"),
+    (["lm.path=/nonexistent/model"], "lm.path=/nonexistent/model: no such folder"),
+], ids=["no-encoder", "layer-out-of-range", "alpha-init-above-max", "zero-tokens", "missing-lm"])
+def test_bad_fuse_input_is_one_line_and_exit_2(tmp_path, cache_dir, tiny_lm, tiny_run, extra, needle):
+    p = run_cli(fuse_args(tiny_lm, tiny_run, *extra), tmp_path, cache_dir)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+def test_an_autoencode_checkpoint_is_refused_as_a_stage3_encoder(tmp_path, cache_dir, tiny_lm):
+    from modalign.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", "best.pt", {"recipe": "autoencode", "model_config": {"encoder": {}},
+                                                   "model": {}}, step=1)
+    ckpt = tmp_path / "ckpt" / "best.pt"
+    p = run_cli(["train", "--quiet", "--recipe", "fuse", f"lm.path={tiny_lm}", f"encoder.init_from={ckpt}", *FAST],
+                tmp_path, cache_dir)
+    assert p.returncode == 2 and "not an align run's checkpoint" in p.stderr, p.stderr
