@@ -5,7 +5,6 @@ checkpoints without LM weights, bad input as one line)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -9,6 +9,22 @@ An experiment config may carry
         - {min: 0.3, verdict: partial, next: "train longer, then re-run"}
         - {verdict: blocked, next: "check the logs"}          # no min: everything below
 
+A criterion may also be relative to a baseline group of the same report (the data-only floor, the
+model before a change):
+
+    criteria:
+      metric: test/cider_d
+      bands: [...]
+      relative:
+        baseline: fusion=none       # the group label, as the report prints it
+        alpha: 0.01                 # the paired bootstrap's p-value must be below this
+        verdict: blocked            # what a group that does not clear the baseline gets instead
+        next: "the modality adds nothing over the data-only floor: check the projector's norm ratio"
+
+A group clears the baseline when the paired difference (per-example scores, matched seeds) has its
+95% CI on the better side of 0 and p < alpha; otherwise its verdict is the relative verdict,
+whatever its band. The baseline group itself gets the verdict `baseline`.
+
 A band holds values >= its `min`; the band without `min` (at most one) catches the rest. For a
 metric where smaller is better, write `max` instead of `min` in every band.
 
@@ -36,10 +52,19 @@ class Band:
 
 
 @dataclass(frozen=True)
+class Relative:
+    baseline: str  # a group label
+    alpha: float
+    verdict: str
+    next: str
+
+
+@dataclass(frozen=True)
 class Criteria:
     metric: str
     bands: tuple[Band, ...]  # most favourable first; the catch-all (if any) last
     smaller_is_better: bool = False
+    relative: Relative | None = None
 
     def band(self, value: float) -> Band | None:
         for b in self.bands:
@@ -66,9 +91,9 @@ def parse_criteria(obj, where: str) -> Criteria:
     """A `criteria:` mapping -> Criteria; UserError naming `where` and the key on bad input."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: criteria must be a mapping with 'metric' and 'bands', got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"metric", "bands"})
+    unknown = sorted(set(obj) - {"metric", "bands", "relative"})
     if unknown:
-        raise UserError(f"{where}: criteria.{unknown[0]} is not a criteria key (metric, bands)")
+        raise UserError(f"{where}: criteria.{unknown[0]} is not a criteria key (metric, bands, relative)")
     metric = obj.get("metric")
     if not isinstance(metric, str) or not metric:
         raise UserError(f"{where}: criteria.metric must be a metric name such as test/m2t_R@1, got {metric!r}")
@@ -104,7 +129,30 @@ def parse_criteria(obj, where: str) -> Criteria:
     bounds = [b.bound for b in parsed]
     if len(set(bounds)) != len(bounds):
         raise UserError(f"{where}: criteria.bands has two bands with {key} {bounds}")
-    return Criteria(metric, tuple(parsed) + ((catch_all,) if catch_all else ()), smaller)
+    relative = _parse_relative(obj["relative"], where) if obj.get("relative") is not None else None
+    return Criteria(metric, tuple(parsed) + ((catch_all,) if catch_all else ()), smaller, relative)
+
+
+def _parse_relative(r, where: str) -> Relative:
+    at = f"{where}: criteria.relative"
+    if not isinstance(r, dict):
+        raise UserError(f"{at} must be a mapping {{baseline, alpha, verdict, next}}, got {r!r}")
+    extra = sorted(set(r) - {"baseline", "alpha", "verdict", "next"})
+    if extra:
+        raise UserError(f"{at}.{extra[0]} is not a key of relative (baseline, alpha, verdict, next)")
+    for k in ("baseline", "verdict", "next"):
+        if not isinstance(r.get(k), str) or not r[k].strip():
+            raise UserError(f"{at}.{k} must be a non-empty string, got {r.get(k)!r}")
+    alpha = r.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise UserError(f"{at}.alpha must be a number in (0, 1), got {alpha!r}")
+    return Relative(r["baseline"], float(alpha), r["verdict"], r["next"])
+
+
+def clears(relative: Relative, row: dict, smaller_is_better: bool) -> bool:
+    """Whether a paired comparison row (modalign.analysis.compare) clears the baseline."""
+    side = row["high"] < 0 if smaller_is_better else row["low"] > 0
+    return bool(side and row["p_value"] < relative.alpha)
 
 
 def judge(criteria: Criteria, estimate: float, low: float, high: float) -> Verdict:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modalign.options import Options, at_least, between, one_of, require
+from modalign.options import Options, at_least, one_of, require
 from modalign.registry import get_variant, register_variant
 
 MAINTAINERS = dict(created_by="modalign maintainers", model="AI coding assistant (modalign founding team session)", date="2026-11-29",
@@ -281,8 +281,6 @@ class AdditiveOptions(Options):
 
 class _LoRAMixin:
     def _install_lora(self, lm, layers: list[int], targets, key: str) -> None:
-        from modalign.errors import UserError
-
         blocks = decoder_layers(lm)
         for name, lora in self.lora.items():
             i, target = name.split("_", 1)

@@ -128,8 +128,6 @@ def locate(opts: LMOptions) -> tuple[Path, str | None]:
 
 def load_lm(opts: LMOptions, device=None) -> LoadedLM:
     """Load the LM named by `opts`, frozen and in eval mode, in fp32, on `device` (default CPU)."""
-    import torch
-
     t0 = time.perf_counter()
     folder, gguf = locate(opts)
     cache_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
@@ -169,6 +167,8 @@ def _from_folder(folder: Path, gguf: str | None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     kw = {"gguf_file": gguf} if gguf else {}
+    quiet_bars = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantization draws its own tqdm bar
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32, **kw)
@@ -177,6 +177,11 @@ def _from_folder(folder: Path, gguf: str | None):
                         f"({INSTALL_HINT})") from None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"lm: cannot load {folder / gguf if gguf else folder}: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        if quiet_bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet_bars
     return model, tok
 
 

@@ -100,6 +100,46 @@ def load_align_model(source: str, data):
                    "recipe": "align"}
 
 
+def auto_align_run(cfg, quiet: bool) -> str:
+    """`encoder.init_from=auto`, for the demo experiments only: the align run of the same demo data
+    with the align recipe's defaults (seed 0), trained once under <outputs>/stage2/ and reused by
+    every fuse run (and sweep job) that asks for it. Jobs running at once wait for the first (a
+    file lock). -> its run directory."""
+    import fcntl
+    import hashlib
+    import json
+    import shutil
+
+    from modalign.recipes.align import PURE_GENERATORS
+    from modalign.recipes.config import compose
+    from modalign.recipes.launch import check_resolved, execute, start_run
+    from modalign.runs.rundir import read_json
+
+    data = to_container(cfg.data, "data")
+    if data.get("_target_") not in PURE_GENERATORS:
+        raise UserError("config: 'encoder.init_from'=auto trains an align run on the demo data only; for your "
+                        "data, train one (modalign train data=...) and pass its directory")
+    overrides = [f"data.{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(data.items())
+                 if k not in ("_target_", "name")]
+    key = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:12]
+    root = Path(str(cfg.outputs)) / "stage2"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"align_demo_{key}"
+    with open(root / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (path / "run.json").exists() and read_json(path / "run.json").get("status") == "completed":
+            return str(path)
+        shutil.rmtree(path, ignore_errors=True)  # an attempt that did not finish
+        args = [*overrides, "seed=0", f"outputs={cfg.outputs}"]
+        log.info("encoder.init_from=auto: training the align run %s first", path)
+        resolved = to_container(compose(args, "align"), "")
+        acfg, writer = start_run(check_resolved(resolved, args, "align"), args, "align", path)
+        code, _ = execute(acfg, writer, quiet)
+        if code != 0:
+            raise UserError(f"encoder.init_from=auto: the align run failed (exit {code}); see {path / 'run.log'}")
+    return str(path)
+
+
 class FuseRecipe:
     def __init__(self, cfg, writer: RunWriter, progress: bool = True, world=None):
         from modalign.train.distributed import SINGLE
@@ -137,6 +177,8 @@ class FuseRecipe:
             raise UserError(f"config: 'encoder.init_from' must be an align run directory or checkpoint, got {self.init_from!r}")
         if not isinstance(self.freeze, bool):
             raise UserError(f"config: 'encoder.freeze' must be true or false, got {self.freeze!r}")
+        if self.init_from == "auto":
+            self.init_from = auto_align_run(self.cfg, quiet=not self.show_progress)
         if self.init_from is None and self.variant.obj.uses_modality:
             raise UserError(f"config: 'encoder.init_from' is required for fusion={kind} (an align run directory: "
                             f"stage 3 fuses a stage-2 encoder)")

@@ -201,9 +201,56 @@ def _verdicts(rep: Report, n_resamples: int, random_state: int) -> None:
                                  "note": "", "line": f"{m}: no completed run"})
             continue
         v = judge(rep.criteria, st["mean"], st["ci_low"], st["ci_high"])
-        rep.verdicts.append({"group": g.label, "metric": m, "n": st["n"], "estimate": st["mean"],
-                             "low": st["ci_low"], "high": st["ci_high"], "verdict": v.verdict, "next": v.next,
-                             "note": v.note, "line": v.line(m, st["mean"], st["ci_low"], st["ci_high"])})
+        row = {"group": g.label, "metric": m, "n": st["n"], "estimate": st["mean"],
+               "low": st["ci_low"], "high": st["ci_high"], "verdict": v.verdict, "next": v.next,
+               "note": v.note, "line": v.line(m, st["mean"], st["ci_low"], st["ci_high"])}
+        rep.verdicts.append(row)
+    if rep.criteria.relative is not None:
+        _relative_verdicts(rep, m, n_resamples, random_state)
+
+
+def _relative_verdicts(rep: Report, m: str, n_resamples: int, random_state: int) -> None:
+    """criteria.relative: each group against the baseline group, paired (see analysis.criteria)."""
+    from modalign.analysis.compare import paired_comparison
+    from modalign.analysis.criteria import clears
+
+    rel = rep.criteria.relative
+    base = next((g for g in rep.groups if g.label == rel.baseline), None)
+    rows = {v["group"]: v for v in rep.verdicts}
+    if base is None or not base.completed:
+        why = (f"baseline group '{rel.baseline}' is not in this report (groups: "
+               f"{', '.join(g.label for g in rep.groups)})" if base is None else
+               f"baseline group '{rel.baseline}' has no completed run")
+        for v in rep.verdicts:
+            v["note"] = "; ".join(x for x in (v["note"], why) if x)
+            v["line"] += f" ({why})"
+        return
+    rows[base.label].update(verdict="baseline", next="the floor the other groups are judged against",
+                            note="criteria.relative baseline")
+    rows[base.label]["line"] = f"{m} {rows[base.label]['estimate']:.3f}: the baseline of criteria.relative"
+    cands = [g for g in rep.groups if g is not base and g.completed and g.comparable_set == base.comparable_set]
+    for g in rep.groups:
+        if g is not base and g.completed and g not in cands:
+            rows[g.label]["note"] = "; ".join(x for x in (rows[g.label]["note"], "not comparable with the baseline") if x)
+    if not cands:
+        return
+    try:
+        compared = paired_comparison(base, cands, m, n_resamples, random_state)
+    except UserError as e:
+        for g in cands:
+            rows[g.label]["note"] = "; ".join(x for x in (rows[g.label]["note"], str(e)) if x)
+        return
+    for c in compared:
+        v = rows[c["candidate"]]
+        summary = (f"vs {rel.baseline}: {c['diff']:+.3f} (95% CI [{c['low']:+.3f}, {c['high']:+.3f}], "
+                   f"p={c['p_value']:.2g}, paired over {c['n_examples']} examples)")
+        if clears(rel, c, rep.criteria.smaller_is_better):
+            v["note"] = "; ".join(x for x in (v["note"], f"clears the baseline {summary}") if x)
+            v["line"] += f"; clears {summary}"
+        else:
+            v.update(verdict=rel.verdict, next=rel.next)
+            v["note"] = "; ".join(x for x in (v["note"], f"does not clear the baseline {summary}, alpha {rel.alpha:g}") if x)
+            v["line"] = f"{m} {v['estimate']:.3f} → {rel.verdict} → {rel.next} (does not clear {summary})"
 
 
 # tables ----------------------------------------------------------------------------------------
