@@ -30,7 +30,8 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
         p = plan([f"experiment={rel.stem}"])
         assert p["grid"] and p["metric"].startswith(("test/", "val/")), p  # names its grid and its metric
         return
-    stage3 = rel.parts[0] == "fusion" or rel.as_posix() in ("fuse.yaml", "trainer/fuse.yaml")
+    stage3 = rel.parts[0] == "fusion" or rel.as_posix() in ("fuse.yaml", "trainer/fuse.yaml", "loss/xe.yaml",
+                                                             "loss/scst.yaml")
     root = rel.stem if len(rel.parts) == 1 else \
         ("autoencode" if rel.parts[0] == "bottleneck" else "fuse" if stage3 else "align")
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
@@ -45,6 +46,14 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
     cfg = OmegaConf.create(resolved)
     if stage3:  # a tiny LM with SmolLM2's depth and tokenizer, and the session's tiny align run
         cfg.lm.path, cfg.encoder.init_from = str(request.getfixturevalue("tiny_lm")), str(request.getfixturevalue("tiny_run"))
+        if cfg.loss.kind == "scst":  # fine-tunes a fuse run: read as far as its init_from check
+            cfg.init_from = None
+            from modalign.recipes.fuse import FuseRecipe
+            from modalign.runs.writer import RunWriter
+
+            with pytest.raises(UserError, match="loss=scst fine-tunes a trained fuse run: set init_from"):
+                FuseRecipe(cfg, RunWriter(tmp_path / "run", rank=1), progress=False).read_config()
+            return
     _instantiate(rel, cfg, tmp_path)
 
 

@@ -135,6 +135,20 @@ def test_soft_tokens_are_bounded_by_the_scale_and_the_auto_scale_matches_the_emb
 # --- captioning metrics ------------------------------------------------------------------------
 
 
+def test_the_scst_reward_is_cider_d_with_fixed_document_frequencies():
+    from modalign.eval.captioning import CiderD, cider_d
+
+    refs = [["a person cooks in the kitchen in the morning", "someone makes breakfast in the kitchen"],
+            ["the resident sleeps in the bedroom at night"], ["a person watches tv in the living room", "tv time"]]
+    preds = ["a person cooks in the kitchen", "a person sleeps", "someone watches tv in the living room"]
+    # with the scored set as the corpus it is pycocoevalcap's CIDEr-D
+    np.testing.assert_allclose(CiderD(refs).scores(preds, refs), cider_d(preds, refs), rtol=1e-12)
+    # with a fixed corpus a sample's reward does not depend on the rest of its batch
+    corpus = CiderD(refs)
+    assert corpus.scores(preds[:1], refs[:1])[0] == corpus.scores(preds, refs)[0]
+    assert cider_d(preds[:1], refs[:1])[0] != cider_d(preds, refs)[0]
+
+
 def test_caption_metrics_perfect_empty_and_means():
     from modalign.eval.captioning import caption_scores
 
@@ -147,6 +161,17 @@ def test_caption_metrics_perfect_empty_and_means():
     assert metrics["cider_d"] == pytest.approx(per["cider_d"].mean()) and metrics["rouge_l"] == pytest.approx(per["rouge_l"].mean())
     assert 0 < metrics["bleu_4"] < 100 and per["cider_d"][0] > 0 and per["cider_d"][2] > 0
     assert "meteor" not in metrics and "spice" not in metrics  # never substituted under another name
+
+
+def test_meteor_runs_the_packaged_jar_where_java_exists():
+    from modalign.eval.captioning import meteor, meteor_available
+
+    ok, why = meteor_available()
+    if not ok:
+        pytest.skip(f"no Java runtime here: {why}")
+    corpus, per = meteor(["a person cooks in the kitchen", "", "the cat sat"],
+                         [["a person cooks in the kitchen"], ["someone sleeps"], ["a dog ran away"]])
+    assert per[0] > 90 and per[1] == 0 and 0 <= per[2] < per[0] and 0 < corpus < 100
 
 
 # --- the LM loader -----------------------------------------------------------------------------
@@ -186,7 +211,8 @@ def test_an_lm_path_that_is_not_there_is_one_line(tmp_path):
 
 DATA = ["data.n_train=256", "data.n_val=64", "data.n_test=64"]  # the tiny_run fixture's data
 FAST = [*DATA, "data.n_val=16", "data.n_test=16", "trainer.batch_size=8", "trainer.max_steps=8",
-        "trainer.eval_every=4", "trainer.log_every=2", "eval.val_samples=8", "decode.max_new_tokens=6"]
+        "trainer.eval_every=4", "trainer.log_every=2", "eval.val_samples=8", "decode.max_new_tokens=6",
+        "eval.meteor=false"]
 
 
 def fuse_args(tiny_lm, tiny_run, *extra):
@@ -201,11 +227,16 @@ def only_run(cwd: Path) -> Path:
 
 
 def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, cache_dir, tiny_lm, tiny_run):
-    p = run_cli(fuse_args(tiny_lm, tiny_run), tmp_path, cache_dir)
+    from modalign.eval.captioning import meteor_available
+
+    p = run_cli(fuse_args(tiny_lm, tiny_run, "eval.meteor=auto"), tmp_path, cache_dir)
     assert p.returncode == 0, p.stderr
     run = only_run(tmp_path)
     summary = json.loads((run / "facts" / "summary.json").read_text())
     test = summary["test"]
+    # METEOR where Java is installed, else listed as unavailable with the reason (never a 0)
+    assert ("meteor" in test) == meteor_available()[0] and ("meteor" in summary["unavailable"]) != meteor_available()[0]
+    assert "Stanford CoreNLP" in summary["unavailable"]["spice"]
     for k in ("cider_d", "bleu_4", "rouge_l", "xe", "soft_norm_ratio", "retention/ppl_ratio", "retention/exact_match"):
         assert np.isfinite(test[k]), k
     assert any(k.startswith("gate/alpha_") for k in test)
@@ -227,6 +258,25 @@ def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, c
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     grads = {r["name"] for r in rows if r["name"].startswith("grad_norm/") and r["value"] > 0}
     assert {"grad_norm/projector", "grad_norm/adapter", "grad_norm/lora"} <= grads
+    # `modalign eval` decodes the best checkpoint again: the same captions and CIDEr-D
+    before = (run / "facts" / "predictions_test.jsonl").read_text()
+    p = run_cli(["eval", str(run)], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert (run / "facts" / "predictions_test.jsonl").read_text() == before
+    ev = json.loads((run / "facts" / "eval_test.json").read_text())
+    assert ev["metrics"]["cider_d"] == pytest.approx(test["cider_d"])
+    p = run_cli(["runs", str(tmp_path / "outputs")], tmp_path, cache_dir)
+    assert p.returncode == 0 and "cider_d" in p.stdout and "additive" in p.stdout, p.stdout
+    # self-critical fine-tuning starts from this run's best checkpoint, recorded as a parent
+    p = run_cli(fuse_args(tiny_lm, tiny_run, "loss=scst", f"init_from={run}", "trainer.max_steps=2",
+                          "trainer.eval_every=2", "name=scst", "eval.retention=false"), tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    scst = next(r for r in (tmp_path / "outputs" / "runs").iterdir() if r.name.endswith("_fuse_scst"))
+    info = json.loads((scst / "run.json").read_text())
+    init = next(x for x in info["parents"] if x["role"] == "init")
+    assert init["path"] == str((run / "checkpoints" / "best.pt").resolve()) and len(init["sha256"]) == 64
+    rows = [json.loads(line) for line in (scst / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "reward_greedy"} <= {r["name"] for r in rows if r["split"] == "train"}
 
 
 def test_a_fuse_run_killed_with_sigkill_resumes_to_identical_predictions(tmp_path, cache_dir, tiny_lm, tiny_run):
@@ -250,16 +300,41 @@ def test_a_fuse_run_killed_with_sigkill_resumes_to_identical_predictions(tmp_pat
 @pytest.mark.parametrize("extra,needle", [
     (["encoder.init_from=null"], "'encoder.init_from' is required for fusion=additive"),
     (["fusion.layers=[4,99]"], "'fusion.layers' has layer 99, but the LM has layers 0..29"),
-    (["fusion.init=2.0"], "'fusion.init' is 2.0"),
-    (["projector.tokens=0"], "'projector.tokens' is 0"),
-    (["lm.path=/nonexistent/model"], "lm.path=/nonexistent/model: no such folder"),
-], ids=["no-encoder", "layer-out-of-range", "alpha-init-above-max", "zero-tokens", "missing-lm"])
+], ids=["no-encoder", "layer-out-of-range"])
 def test_bad_fuse_input_is_one_line_and_exit_2(tmp_path, cache_dir, tiny_lm, tiny_run, extra, needle):
     p = run_cli(fuse_args(tiny_lm, tiny_run, *extra), tmp_path, cache_dir)
     assert p.returncode == 2, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["fusion=additive", "fusion.init=2.0"], "config: 'fusion.init' is 2.0; it must be within [-max, max] (max=1.0)"),
+    (["projector.tokens=0"], "config: 'projector.tokens' is 0; it must be >= 1"),
+    (["projector.scale=-1"], "config: 'projector.scale' is -1.0; it must be > 0"),
+    (["decode.num_beams=0"], "config: 'decode.num_beams' is 0; it must be >= 1"),
+    (["lm.template=alpaca"], "config: 'lm.template' is 'alpaca'; expected one of plain, chat"),
+    (["fusion=cross_attn", "fusion.heads=7"], None),
+    (["+encoder.width=64"], "config: unknown key 'encoder.width'"),
+    (["encoder.init_from=auto", "data=npz", "data.path=x.npz"], "'encoder.init_from'=auto trains an align run on the demo data only"),
+], ids=["alpha-init", "tokens", "scale", "beams", "template", "heads-ok-until-built", "encoder-key", "auto-on-own-data"])
+def test_bad_fuse_options_are_refused_before_any_model_is_loaded(tmp_path, extra, needle):
+    """The options are read and checked first (FuseRecipe.read_config), before data, LM or encoder."""
+    from omegaconf import OmegaConf
+
+    from modalign.recipes.config import compose, to_container
+    from modalign.recipes.fuse import FuseRecipe
+    from modalign.runs.writer import RunWriter
+
+    cfg = OmegaConf.create(to_container(compose(["encoder.init_from=/nowhere", f"outputs={tmp_path}", *extra], "fuse"), ""))
+    recipe = FuseRecipe(cfg, RunWriter(tmp_path / "run", rank=1), progress=False)
+    if needle is None:
+        recipe.read_config()  # 7 heads is a valid option; the LM's width decides when the fusion is built
+        return
+    with pytest.raises(UserError) as e:
+        recipe.read_config()
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_an_autoencode_checkpoint_is_refused_as_a_stage3_encoder(tmp_path, cache_dir, tiny_lm):

@@ -186,6 +186,30 @@ def test_verdict_is_judged_on_the_ci():
     assert v.verdict == "blocked" and "one run" in v.note
 
 
+def test_a_relative_criterion_judges_each_group_against_the_baseline_pairwise(demo_sweep):
+    from modalign.report.build import _verdicts, collect
+
+    sweep, _ = demo_sweep
+    rep = collect([sweep], n_resamples=2000)
+    rel = {"baseline": "head=linear", "alpha": 0.05, "verdict": "no gain", "next": "keep the baseline"}
+    rep.criteria = parse_criteria({**BANDS, "metric": "test/m2t_R@1", "relative": rel}, "exp.yaml")
+    rep.verdicts = []
+    _verdicts(rep, 2000, 0)
+    by = {v["group"]: v for v in rep.verdicts}
+    assert by["head=linear"]["verdict"] == "baseline"
+    groups = {g.label: g for g in rep.groups}
+    row = paired_comparison(groups["head=linear"], [groups["head=mlp"]], "test/m2t_R@1", 2000, 0)[0]
+    clears = row["low"] > 0 and row["p_value"] < 0.05
+    bands = judge(rep.criteria, by["head=mlp"]["estimate"], by["head=mlp"]["low"], by["head=mlp"]["high"]).verdict
+    assert by["head=mlp"]["verdict"] == (bands if clears else "no gain")
+    assert f"{row['diff']:+.3f}" in by["head=mlp"]["line"]
+    # a baseline that is not in the report is said, not guessed
+    rep.criteria = parse_criteria({**BANDS, "relative": {**rel, "baseline": "head=gated"}}, "exp.yaml")
+    rep.verdicts = []
+    _verdicts(rep, 2000, 0)
+    assert all("baseline group 'head=gated' is not in this report" in v["note"] for v in rep.verdicts)
+
+
 def test_smaller_is_better_criteria_use_max():
     c = parse_criteria({"metric": "test/total_loss", "bands": [{"max": 1.0, "verdict": "good", "next": "go"},
                                                                 {"verdict": "bad", "next": "stop"}]}, "x")
@@ -203,6 +227,10 @@ def test_smaller_is_better_criteria_use_max():
     ({"metric": "m", "bands": [{"min": 1, "verdict": "v", "next": "n"}, {"max": 1, "verdict": "w", "next": "n"}]}, "mixes 'min' and 'max'"),
     ({"metric": "m", "bands": [{"verdict": "v", "next": "n"}, {"verdict": "w", "next": "n"}]}, "only one band may leave out"),
     ({"metric": "m", "bands": BANDS["bands"], "threshold": 3}, "criteria.threshold is not a criteria key"),
+    ({"metric": "m", "bands": BANDS["bands"], "relative": {"baseline": "x", "alpha": 2, "verdict": "v", "next": "n"}},
+     "criteria.relative.alpha must be a number in (0, 1)"),
+    ({"metric": "m", "bands": BANDS["bands"], "relative": {"verdict": "v", "next": "n"}},
+     "criteria.relative.baseline must be a non-empty string"),
 ])
 def test_bad_criteria_name_the_key(criteria, expected):
     with pytest.raises(UserError) as e:

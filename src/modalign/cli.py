@@ -426,22 +426,23 @@ def cmd_runs(args) -> int:
 
     where = parse_where(args.where)
     records = select(find_runs(Path(args.root)), where)
-    columns = list(HEADLINE["align"])
+    recipes = list(dict.fromkeys(str(r.info.get("recipe") or "align") for r in records)) or ["align"]
+    columns = list(dict.fromkeys(m for rec in recipes for m in HEADLINE.get(rec, HEADLINE["align"])))
     if args.sort:
         if records and all(r.metric(args.sort) is None for r in records):
             raise UserError(f"--sort {args.sort}: no run under {args.root} has this metric (e.g. m2t_R@1, t2m_mAP, "
-                            "zeroshot_acc, rec_tokens)")
+                            "zeroshot_acc, rec_tokens, cider_d)")
         sign = -1.0 if larger_is_better(args.sort) else 1.0  # best first
         records.sort(key=lambda r: (r.metric(args.sort) is None, sign * (r.metric(args.sort) or 0.0)))
         if args.sort.split("/")[-1] not in columns:
             columns.append(args.sort)
     table = Table(title=f"runs under {args.root} ({len(records)})")
-    for col in ("run", "status", "data", "encoder", "head", "steps", *columns, "wall s"):
+    for col in ("run", "status", "data", "encoder", "head / fusion", "steps", *columns, "wall s"):
         table.add_column(col, justify="right" if col in columns or col in ("steps", "wall s") else "left")
     for r in records:
         s = r.summary or {}
         cells = [r.path.name, r.status, str(r.field("data.name") or ""), str(r.field("encoder.kind") or ""),
-                 str(r.field("head.kind") or ""), str(s.get("steps", ""))]
+                 str(r.field("head.kind") or r.field("fusion.kind") or ""), str(s.get("steps", ""))]
         for m in columns:
             v = r.metric(m)
             cells.append("" if v is None else f"{v:.3f}")

@@ -50,6 +50,7 @@ _RULES: list[tuple[str, str, str | None, str]] = [
     (r"bleu_4", "max", "bleu_4", "BLEU-4"),
     (r"bleu_(\d)", "max", None, r"BLEU-\1"),
     (r"rouge_l", "max", "rouge_l", "ROUGE-L"),
+    (r"meteor", "max", None, "METEOR"),
     (r"xe", "min", "xe", "caption cross-entropy"),
     (r"ppl_ratio", "min", None, "perplexity after / before"),
     (r"ppl(_before|_after)?", "min", None, r"perplexity\1"),

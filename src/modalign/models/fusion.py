@@ -578,19 +578,23 @@ class FusedLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, num_beams: int = 1, length_penalty: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> list[list[int]]:
-        """Captions for a batch: greedy (num_beams 1) or beam search. -> token ids per sample, without eos."""
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, do_sample: bool = False,
+                 with_eos: bool = False) -> list[list[int]]:
+        """Captions for a batch: greedy (num_beams 1), beam search, or sampled from the model's
+        distribution (do_sample; temperature 1, no top-k/top-p; torch's global RNG). -> token ids
+        per sample, up to eos (included when `with_eos` and the caption ended with it)."""
         b = batch["tokens_id"].shape[0]
         soft = self.soft_tokens(batch)
         embeds, mask, _ = self._inputs(soft, b, None)
         with self._signal(soft):
             out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   num_beams=num_beams, length_penalty=length_penalty, do_sample=False,
-                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                                   num_beams=num_beams, length_penalty=length_penalty, do_sample=do_sample,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                   **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}))
         rows = []
         for seq in out.tolist():
             if eos_token_id is not None and eos_token_id in seq:
-                seq = seq[: seq.index(eos_token_id)]
+                seq = seq[: seq.index(eos_token_id) + (1 if with_eos else 0)]
             rows.append(seq)
         return rows
 
@@ -609,3 +613,10 @@ def per_example_xe(out: FuseOutput) -> torch.Tensor:
     valid = out.targets >= 0
     ce = F.cross_entropy(out.logits.float().transpose(1, 2), out.targets.clamp(min=0), reduction="none")
     return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def scst_loss(out: FuseOutput, advantage: torch.Tensor) -> torch.Tensor:
+    """Self-critical policy gradient: -(reward - baseline) x log p(sampled caption), mean over samples."""
+    valid = out.targets >= 0
+    logp = -F.cross_entropy(out.logits.float().transpose(1, 2), out.targets.clamp(min=0), reduction="none")
+    return -(advantage * (logp * valid).sum(1)).mean()

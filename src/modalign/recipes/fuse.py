@@ -17,12 +17,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from modalign.errors import UserError
 from modalign.eval.evaluation import Evaluation
-from modalign.options import Options, at_least, one_of
+from modalign.options import Options, at_least, one_of, require
 from modalign.recipes.align import load_data
 from modalign.recipes.config import to_container, typed
 from modalign.recipes.settings import read_env, read_training
@@ -41,9 +42,12 @@ class FuseEval(Options):
     batch_size: int = 32
     samples_in_card: int = 8
     retention: bool = True  # text-only perplexity and greedy continuations of a fixed probe, before and after
+    meteor: Any = "auto"  # METEOR on the evaluated split: auto (where Java is installed) | true | false
 
     def validate(self) -> None:
         one_of(self, "split", ("train", "val", "test"))
+        require(self.meteor == "auto" or isinstance(self.meteor, bool), "meteor", self.meteor,
+                "expected auto, true or false")
         for name in ("val_samples", "batch_size"):
             at_least(self, name, 1)
         at_least(self, "samples_in_card", 0)
@@ -58,6 +62,16 @@ class DecodeOptions(Options):
     def validate(self) -> None:
         at_least(self, "max_new_tokens", 1)
         at_least(self, "num_beams", 1)
+
+
+@dataclass
+class FuseLoss(Options):
+    kind: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical, CIDEr-D reward, greedy baseline
+    max_new_tokens: int = 40  # scst: length limit of the sampled and greedy captions
+
+    def validate(self) -> None:
+        one_of(self, "kind", ("xe", "scst"))
+        at_least(self, "max_new_tokens", 1)
 
 
 def find_checkpoint(source: str, key: str) -> Path:
@@ -140,6 +154,59 @@ def auto_align_run(cfg, quiet: bool) -> str:
     return str(path)
 
 
+def _scst_objective_class():
+    import torch
+
+    from modalign.eval.captioning import CiderD
+    from modalign.models.fusion import scst_loss
+
+    class SCSTObjective(torch.nn.Module):
+        """Self-critical sequence training (Rennie et al. 2017): for each training sample, a caption
+        sampled from the model and the greedy caption; reward = CIDEr-D against the sample's
+        references with document frequencies of the train split; the loss raises the log-probability
+        of the sampled caption in proportion to how much it beats the greedy one. Sampling draws on
+        torch's global RNG, which checkpoints hold, so a resumed run draws the same captions."""
+
+        def __init__(self, recipe):
+            super().__init__()
+            self.recipe = [recipe]  # not a submodule: the model is the trainer's, not the objective's
+            train = recipe.splits["train"]
+            self.references = [list(c) for c in train.captions]
+            self.cider = CiderD(self.references)
+
+        def inputs(self, batch):
+            r = self.recipe[0]
+            model, tok, eos, n = r.model, r.lm.tokenizer, r.eos, r.loss_opts.max_new_tokens
+            was = model.training
+            model.eval()
+            sampled = model.generate(batch, n, eos_token_id=eos, pad_token_id=eos, do_sample=True, with_eos=True)
+            greedy = model.generate(batch, n, eos_token_id=eos, pad_token_id=eos)
+            model.train(was)
+            refs = [self.references[i] for i in batch["index"].tolist()]
+            texts = [tok.decode([t for t in s if t != eos], skip_special_tokens=True) for s in sampled]
+            r_s = self.cider.scores(texts, refs)
+            r_g = self.cider.scores([tok.decode(g, skip_special_tokens=True) for g in greedy], refs)
+            longest = max(1, max(len(s) for s in sampled))
+            text = torch.full((len(sampled), longest), -1, dtype=torch.long)
+            for i, s in enumerate(sampled):
+                if s:
+                    text[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            device = batch["text"].device
+            return {**batch, "text": text.to(device),
+                    "advantage": torch.tensor(r_s - r_g, dtype=torch.float32, device=device),
+                    "reward": torch.tensor(float(r_s.mean())), "reward_greedy": torch.tensor(float(r_g.mean()))}
+
+        def forward(self, out, batch):
+            loss = scst_loss(out, batch["advantage"])
+            return {"loss": loss, "reward": batch["reward"], "reward_greedy": batch["reward_greedy"]}
+
+    return SCSTObjective
+
+
+def SCSTObjective(recipe):
+    return _scst_objective_class()(recipe)
+
+
 class FuseRecipe:
     def __init__(self, cfg, writer: RunWriter, progress: bool = True, world=None):
         from modalign.train.distributed import SINGLE
@@ -159,6 +226,12 @@ class FuseRecipe:
         self.env = read_env(cfg)
         self.eval_cfg = typed(FuseEval, to_container(cfg.eval, "eval"), "eval")
         self.decode = typed(DecodeOptions, to_container(cfg.decode, "decode"), "decode")
+        self.loss_opts = typed(FuseLoss, to_container(cfg.loss, "loss"), "loss") if "loss" in cfg else FuseLoss()
+        self.start_from = cfg.get("init_from")
+        if self.start_from is not None and not isinstance(self.start_from, str):
+            raise UserError(f"config: 'init_from' must be a fuse run directory or checkpoint, got {self.start_from!r}")
+        if self.loss_opts.kind == "scst" and self.start_from is None:
+            raise UserError("config: loss=scst fine-tunes a trained fuse run: set init_from=RUN (a fuse run directory)")
         self.lm_opts = typed(LMOptions, to_container(cfg.lm, "lm"), "lm")
         self.proj_opts = typed(ProjectorOptions, to_container(cfg.projector, "projector"), "projector")
         fusion = to_container(cfg.fusion, "fusion")
@@ -232,6 +305,8 @@ class FuseRecipe:
             modality, self.projector_scale = None, None
         self.model = FusedLM(modality, lm, projector, fusion, self.start_ids, freeze_encoder=self.freeze,
                              features=self.proj_opts.features)
+        if self.start_from is not None:
+            self.parents.append(self._start_from(self.start_from))
         self.model.to(self.device)
 
         class Objective(torch.nn.Module):  # stateless; a module so the trainer checkpoints it like any other
@@ -241,11 +316,35 @@ class FuseRecipe:
             def forward(self, out, batch):
                 return caption_loss(out)
 
-        self.objective = Objective()
+        self.objective = SCSTObjective(self) if self.loss_opts.kind == "scst" else Objective()
         names = self.metric_names()
         if t.monitor.removeprefix("val/") not in names:
             raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
                             f"(have: {', '.join('val/' + m for m in names)})")
+
+    def _start_from(self, source: str) -> dict:
+        """init_from: the trained parts of another fuse run with the same fusion and projector."""
+        from modalign.runs.provenance import sha256_file
+        from modalign.train.checkpoint import load_checkpoint
+
+        p = find_checkpoint(source, "init_from")
+        payload = load_checkpoint(p)
+        theirs, ours = payload.get("model_config") or {}, self.model_config()
+        if payload.get("recipe") != "fuse":
+            raise UserError(f"{p}: not a fuse run's checkpoint (init_from continues a stage-3 run)")
+        for key in ("fusion", "projector", "start_ids"):
+            if theirs.get(key) != ours.get(key):
+                raise UserError(f"{p}: its {key} settings differ from this run's ({theirs.get(key)} vs {ours.get(key)})")
+        if (theirs.get("lm") or {}).get("sha256") != self.lm.identity["sha256"]:
+            raise UserError(f"{p}: it was trained on another LM (sha256 {str((theirs.get('lm') or {}).get('sha256'))[:12]}, "
+                            f"this run's is {self.lm.identity['sha256'][:12]})")
+        try:
+            self.model.load_state_dict(payload["model"])
+        except RuntimeError as e:
+            raise UserError(f"{p}: its weights do not fit this run's model ({str(e).splitlines()[0]})") from None
+        log.info("trained parts initialised from %s (step %s)", p, payload.get("step"))
+        return {"role": "init", "path": str(p.resolve()), "sha256": sha256_file(p), "step": payload.get("step"),
+                "recipe": "fuse"}
 
     def _start_ids(self, tok) -> list[int]:
         if self.lm_opts.template == "chat":
@@ -334,6 +433,17 @@ class FuseRecipe:
         )
 
     # evaluation ---------------------------------------------------------------------------------
+    def with_meteor(self) -> bool:
+        """METEOR on the evaluated split (never on the val subset: a Java start-up per evaluation)."""
+        from modalign.eval.captioning import meteor_available
+
+        if self.eval_cfg.meteor is False:
+            return False
+        ok, why = meteor_available()
+        if not ok and self.eval_cfg.meteor is True:
+            raise UserError(f"config: 'eval.meteor'=true, but {why}")
+        return ok
+
     def evaluate(self, split: str, limit: int | None = None) -> Evaluation:
         """Teacher-forced cross-entropy, decoded captions and their metrics on `split` (the first
         `limit` samples), the soft-to-text token norm ratio, and the gates."""
@@ -361,7 +471,7 @@ class FuseRecipe:
                 preds += [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
         self.model.train()
         refs = [list(c) for c in self.splits[split].captions[:n]]
-        metrics, per = caption_scores(preds, refs)
+        metrics, per = caption_scores(preds, refs, with_meteor=limit is None and self.with_meteor())
         per["xe"] = np.concatenate(xe)
         metrics["xe"] = float(per["xe"].mean())
         metrics["soft_norm_ratio"] = float(np.mean(soft_norms)) / self.model.text_norm
@@ -410,6 +520,7 @@ class FuseRecipe:
         return {}
 
     def write_facts(self, fit: dict, test: Evaluation, wall: float) -> dict:
+        from modalign.eval.captioning import unavailable
         from modalign.runs.facts import build_summary
 
         split = self.eval_cfg.split
@@ -424,6 +535,7 @@ class FuseRecipe:
                                 wall, chance={})
         preds = test.extra["predictions"]
         summary["samples"] = preds[: self.eval_cfg.samples_in_card]
+        summary["unavailable"] = unavailable(self.eval_cfg.meteor is not False)
         self.writer.write_lines(f"facts/predictions_{split}.jsonl", preds)
         self.writer.write_facts(summary, split, self.splits[split], test.per_example)
         for p in summary["samples"][:3]:

@@ -14,7 +14,7 @@ from modalign.errors import UserError
 
 RECIPES = {"align": "modalign.recipes.align:AlignRecipe", "autoencode": "modalign.recipes.autoencode:AutoencodeRecipe",
            "fuse": "modalign.recipes.fuse:FuseRecipe"}
-SECTIONS = {"align": ("head", "loss", "text"), "autoencode": (), "fuse": ("fusion", "lm", "projector", "decode")}
+SECTIONS = {"align": ("head", "loss", "text"), "autoencode": (), "fuse": ("fusion", "loss", "lm", "projector", "decode")}
 
 
 def recipe_class(name: str):

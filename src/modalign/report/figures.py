@@ -60,6 +60,26 @@ def plot_run_curves(rows: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(out_dir / "metrics.png", dpi=110)
         plt.close(fig)
         written.append(out_dir / "metrics.png")
+    if "cider_d" in val:  # a captioning run: its metrics, and the fusion's gates and soft-token norms
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+        for n in ("cider_d", "bleu_4", "rouge_l"):
+            if n in val:
+                ax[0].plot(*val[n], marker="o", ms=3, label=n)
+        ax[0].set(xlabel="step", ylabel="x100", title="validation captioning metrics")
+        ax[0].legend(fontsize=8)
+        gates = [n for n in val if n.startswith("gate/")]
+        for n in gates:
+            ax[1].plot(*val[n], marker="o", ms=3, label=n.removeprefix("gate/"))
+        if "soft_norm_ratio" in val:
+            ax[1].plot(*val["soft_norm_ratio"], marker="s", ms=3, color="black", ls="--", label="soft/text norm")
+        ax[1].axhline(0, color="#999", lw=0.8)
+        ax[1].set(xlabel="step", title="gates and soft-token norm ratio")
+        if gates or "soft_norm_ratio" in val:
+            ax[1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / "metrics.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "metrics.png")
     names = [n for n in val if n.endswith("R@1") or n == "zeroshot_acc"]
     if names:
         fig, ax = plt.subplots(figsize=(7, 4))

@@ -13,7 +13,7 @@ import pandas as pd
 CAPTIONS = {"curves": "Training loss and validation metric per group: mean over seeds with a 95% bootstrap band.",
             "by_group": "The optimized metric per group: mean, 95% bootstrap CI over seeds, each run a dot.",
             "heatmap": "The optimized metric over the two-dimensional grid (mean over seeds).",
-            "pareto": "The optimized metric against cost; circled points are on the Pareto front.",
+            "pareto": "The optimized metric against cost (trainable parameters, wall time; for stage 3 also the LM's perplexity after / before, the retention frontier); circled points are on the Pareto front.",
             "registers": "Retrieval with only the first k registers kept (nested dropout orders them): "
                          "mean and 95% CI over seeds."}
 
@@ -104,6 +104,31 @@ def register_rows(rep) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def sample_rows(rep, per_group: int = 4) -> tuple[list[str], list[list[str]]]:
+    """Captioning runs: the first test predictions of each group's first completed run, beside the
+    first reference (facts/predictions_<split>.jsonl)."""
+    import json
+
+    rows = []
+    for g in rep.groups:
+        runs = g.completed
+        if not runs:
+            continue
+        split = (runs[0].summary or {}).get("split", "test")
+        path = runs[0].path / "facts" / f"predictions_{split}.jsonl"
+        if not path.exists():
+            continue
+        try:
+            lines = path.read_text().splitlines()[:per_group]
+            for line in lines:
+                r = json.loads(line)
+                rows.append([g.label, str(r.get("id")), str(r.get("prediction")) or "(empty)",
+                             str((r.get("references") or [""])[0])])
+        except (OSError, ValueError):
+            continue
+    return ["group", "id", "prediction", "first reference"], rows
+
+
 def diff_rows(rep) -> tuple[list[str], list[list[str]]]:
     labels = [g.label for g in rep.groups]
     return ["config key", *labels], [[k, *[_num(vals.get(label)) for label in labels]]
@@ -133,6 +158,9 @@ def render_markdown(rep, runs: pd.DataFrame, groups: pd.DataFrame) -> str:
         lines += ["## Paired comparisons", ""] + _md_table(*comparison_rows(rep))
     if rep.registers:
         lines += ["## Retrieval by registers kept", ""] + _md_table(*register_rows(rep))
+    head, samples = sample_rows(rep)
+    if samples:
+        lines += ["## Sample captions", ""] + _md_table(head, samples)
     if rep.variants:
         lines += ["## Variants", ""] + _md_table(*variant_rows(rep))
     if rep.config_diff:
@@ -211,6 +239,9 @@ def render_html(rep, runs: pd.DataFrame, groups: pd.DataFrame) -> str:
     if rep.comparisons:
         head, rows = comparison_rows(rep)
         parts.append("<h2>Paired comparisons on the same test examples</h2>" + _html_table(head, rows, "comparisons"))
+    head, rows = sample_rows(rep)
+    if rows:
+        parts.append("<h2>Sample captions (test, seed of each group's first run)</h2>" + _html_table(head, rows, "samples"))
     if rep.variants:
         head, rows = variant_rows(rep)
         parts.append("<h2>Variants</h2>" + _html_table(head, rows, "variants"))

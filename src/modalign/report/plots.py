@@ -148,14 +148,19 @@ def plot_pareto(rep, path: Path) -> Path | None:
             continue
         params = [(r.info.get("params") or {}).get("trainable") for r in g.completed]
         walls = [(r.summary or {}).get("wall_seconds") for r in g.completed]
+        ppl = g.values("test/retention/ppl_ratio")  # stage 3: what the LM lost (the retention frontier)
         points.append((g.label, float(np.mean([p for p in params if p is not None] or [np.nan])),
-                       float(np.mean([w for w in walls if w is not None] or [np.nan])), float(x.mean())))
+                       float(np.mean([w for w in walls if w is not None] or [np.nan])), float(x.mean()),
+                       float(ppl.mean()) if ppl.size else np.nan))
     if len(points) < 2:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = [(1, "trainable parameters"), (2, "wall time per run (s)")]
+    if any(np.isfinite(p[4]) for p in points):
+        panels.append((4, "LM perplexity after / before (retention)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
     value = np.array([p[3] for p in points])
-    for ax, col, xlabel in ((axes[0], 1, "trainable parameters"), (axes[1], 2, "wall time per run (s)")):
+    for ax, (col, xlabel) in zip(axes, panels):
         cost = np.array([p[col] for p in points])
         front = pareto_front(cost, value, rep.larger_is_better)
         for i, p in enumerate(points):

@@ -62,6 +62,9 @@ def card_text(info: dict, summary: dict) -> str:
         lines += ["", f"## Sample captions ({split})", "", "| id | prediction | reference |", "|---|---|---|"]
         lines += [f"| {s['id']} | {_cell(s['prediction'])} | {_cell((s.get('references') or [''])[0])} |"
                   for s in samples]
+    missing = summary.get("unavailable") or {}
+    if missing:
+        lines += ["", "Not computed: " + "; ".join(f"{k} ({why})" for k, why in missing.items()) + "."]
     params = info.get("params") or {}
     code, env = info.get("code", {}), info.get("env", {})
     lines += ["", "## Provenance", "",
