@@ -57,7 +57,7 @@ test: $(VENV)/.installed-test browser
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow
 
-# Side-by-side benchmarks (about 15 min); their tables go into BENCHMARKS.md. See benchmarks/README.md.
+# Side-by-side benchmarks (about 20 min); their tables go into BENCHMARKS.md. See benchmarks/README.md.
 bench: $(VENV)/.installed-test
 	$(PY) benchmarks/run_all.py --write BENCHMARKS.md
 

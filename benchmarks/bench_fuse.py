@@ -100,7 +100,7 @@ class BareLoop:
             torch.nn.utils.clip_grad_norm_(self.projector.parameters(), self.clip)
         self.opt.step()
         self.step += 1
-        return float(out.loss)
+        return float(out.loss.detach())
 
     def generate(self, batch, max_new_tokens):
         with self.torch.no_grad():

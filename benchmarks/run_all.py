@@ -11,13 +11,14 @@ in FILE (a section with those markers is appended when they are missing). Text o
 such as the discussion of a result, is left as it is. --quick runs every script's smoke check and
 never writes unless --write is given too.
 
-Scripts (about 12-15 min in all on an idle 2-core machine; longer when other jobs load it):
+Scripts (about 20 min in all on an idle 2-core machine; longer when other jobs load it):
   step       bench_step.py       align recipe step vs a bare PyTorch + open_clip ClipLoss loop
   flops      bench_flops.py      training-step FLOP/s as a fraction of the measured matmul peak
   retrieval  bench_retrieval.py  retrieval metrics over 50k x 50k pairs vs matmul-bound and full matrix
   sweep      bench_sweep.py      per-job overhead of a sweep, and a report over 1,000 runs
   cli        bench_cli.py        `modalign --help` / `modalign runs` start-up vs `python -c pass`
   stats      bench_stats.py      paired bootstrap vs scipy (about 4.5 min; only with --only stats or --with-stats)
+  fuse       bench_fuse.py       stage-3 step vs a bare transformers loop, LM load cold/cached, decoding (about 7 min)
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ SCRIPTS = {
     "sweep": ("bench_sweep.py", "Sweep and report overhead"),
     "cli": ("bench_cli.py", "CLI start-up"),
     "stats": ("bench_stats.py", "Statistics: paired bootstrap"),
+    "fuse": ("bench_fuse.py", "Stage 3: fuse step, LM load, decoding"),
 }
-DEFAULT = ("step", "flops", "retrieval", "sweep", "cli")
+DEFAULT = ("step", "flops", "retrieval", "sweep", "cli", "fuse")
 
 
 def replace_section(text: str, name: str, title: str, body: str) -> str:

@@ -70,18 +70,34 @@ def demo_sweep(tmp_path_factory, cache_dir) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M, loaded once per session through modalign's loader from the GGUF file
+    (cold: dequantized, then cached as safetensors in a session folder), offline.
+    -> (LoadedLM, that cache folder)."""
+    from modalign.models.lm import LMOptions, load_lm
+
+    d = tmp_path_factory.mktemp("lm-cache")
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return load_lm(LMOptions(cache_dir=str(d))), d
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, smollm2) -> Path:
     """A tiny Llama-style causal LM folder (random weights, 30 blocks of width 64, like SmolLM2's
     depth) with SmolLM2's real tokenizer, for fuse tests where a real LM's quality is not the point.
     Loaded by the same code as any local LM (`lm.path=...`)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from modalign.models.lm import default_lm_file
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("tiny-lm")
-    gguf = default_lm_file()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    tok = smollm2[0].tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=30,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -177,24 +177,21 @@ def test_meteor_runs_the_packaged_jar_where_java_exists():
 # --- the LM loader -----------------------------------------------------------------------------
 
 
-def test_the_real_smollm2_loads_offline_and_the_dequantized_cache_gives_the_same_model(tmp_path, monkeypatch):
+def test_the_real_smollm2_loads_offline_and_the_dequantized_cache_gives_the_same_model(smollm2):
     from modalign.models.lm import LMOptions, default_lm_file, load_lm
     from modalign.runs.provenance import sha256_file
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    opts = LMOptions(cache_dir=str(tmp_path / "lm"))
-    cold = load_lm(opts)
+    cold, cache = smollm2  # loaded from the GGUF file with HF_HUB_OFFLINE=1, into an empty cache
     assert not cold.cached and cold.identity["layers"] == 30 and cold.identity["width"] == 576
     assert cold.identity["sha256"] == sha256_file(default_lm_file())
     ids = torch.tensor([cold.tokenizer("The sun rises in the east.")["input_ids"]])
     with torch.no_grad():
         a = cold.model(input_ids=ids).logits
-    del cold
-    warm = load_lm(opts)
+    warm = load_lm(LMOptions(cache_dir=str(cache)))
     assert warm.cached and not any(p.requires_grad for p in warm.model.parameters())
     with torch.no_grad():
         assert torch.equal(warm.model(input_ids=ids).logits, a)
-    assert list((tmp_path / "lm").glob("*.tmp*")) == []  # no half-written cache left behind
+    assert list(cache.glob("*.tmp*")) == []  # no half-written cache left behind
 
 
 def test_an_lm_path_that_is_not_there_is_one_line(tmp_path):
@@ -212,7 +209,7 @@ def test_an_lm_path_that_is_not_there_is_one_line(tmp_path):
 DATA = ["data.n_train=256", "data.n_val=64", "data.n_test=64"]  # the tiny_run fixture's data
 FAST = [*DATA, "data.n_val=16", "data.n_test=16", "trainer.batch_size=8", "trainer.max_steps=8",
         "trainer.eval_every=4", "trainer.log_every=2", "eval.val_samples=8", "decode.max_new_tokens=6",
-        "eval.meteor=false"]
+        "eval.meteor=false", "eval.retention=false"]
 
 
 def fuse_args(tiny_lm, tiny_run, *extra):
@@ -229,7 +226,7 @@ def only_run(cwd: Path) -> Path:
 def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, cache_dir, tiny_lm, tiny_run):
     from modalign.eval.captioning import meteor_available
 
-    p = run_cli(fuse_args(tiny_lm, tiny_run, "eval.meteor=auto"), tmp_path, cache_dir)
+    p = run_cli(fuse_args(tiny_lm, tiny_run, "eval.meteor=auto", "eval.retention=true"), tmp_path, cache_dir)
     assert p.returncode == 0, p.stderr
     run = only_run(tmp_path)
     summary = json.loads((run / "facts" / "summary.json").read_text())
@@ -269,7 +266,7 @@ def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, c
     assert p.returncode == 0 and "cider_d" in p.stdout and "additive" in p.stdout, p.stdout
     # self-critical fine-tuning starts from this run's best checkpoint, recorded as a parent
     p = run_cli(fuse_args(tiny_lm, tiny_run, "loss=scst", f"init_from={run}", "trainer.max_steps=2",
-                          "trainer.eval_every=2", "name=scst", "eval.retention=false"), tmp_path, cache_dir)
+                          "trainer.eval_every=2", "name=scst"), tmp_path, cache_dir)
     assert p.returncode == 0, p.stderr
     scst = next(r for r in (tmp_path / "outputs" / "runs").iterdir() if r.name.endswith("_fuse_scst"))
     info = json.loads((scst / "run.json").read_text())

@@ -30,7 +30,9 @@ def _summary(run: Path) -> dict:
 # Run end to end: the experiments whose recipe and grid no other test covers (demo runs in the
 # report tests' shared sweep; compare_projections is demo's grid with a third seed;
 # compare_latent_spaces is a slice of compare_globals_heads). Every experiment is planned below.
-RUN_END_TO_END = ["compare_globals_heads", "compare_heads"]
+# compare_heads runs in `make test-slow`: its path (an align sweep) is the demo sweep's, and the
+# register head it adds trains end to end in tests/test_variants.py
+RUN_END_TO_END = ["compare_globals_heads", pytest.param("compare_heads", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

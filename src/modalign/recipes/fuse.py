@@ -383,24 +383,11 @@ class FuseRecipe:
                 "soft_norm_ratio"]
 
     def setup_training(self) -> None:
-        from modalign.data.batches import EpochSampler
-        from modalign.train.loop import Trainer
-        from modalign.train.optim import build_optimizer, build_scheduler
-        from modalign.train.progress import TrainProgress
+        from modalign.recipes.launch import single_process_trainer
 
-        t = self.trainer_cfg
-        opt = build_optimizer(self.model.components(), self.optim_cfg)
-        sched = build_scheduler(opt, self.optim_cfg, t.max_steps)
-        self.sampler = EpochSampler(self.tensors["train"], t.batch_size, self.seed, t.accumulate)
-        self.resume = self.writer.load_checkpoint("last.pt") if self.cfg.resume is not None else None
-        keep = int(self.resume["step"]) if self.resume is not None else (0 if self.cfg.resume is not None else None)
-        self.writer.open_metrics(keep_until_step=keep)
-        progress = TrainProgress(f"fuse {self.writer.path.name[:36]}", t.monitor.removeprefix("val/")) \
-            if self.show_progress else None
         describe = {"model_config": self.model_config(), "recipe": "fuse", "lm_sha256": self.lm.identity["sha256"]}
-        self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
-                               lambda: self.evaluate("val", limit=self.eval_cfg.val_samples).metrics, t, [self.writer],
-                               describe=describe, progress=progress, device=self.device)
+        self.sampler, self.resume, self.trainer = single_process_trainer(
+            self, "fuse", describe, lambda: self.evaluate("val", limit=self.eval_cfg.val_samples).metrics)
         self.retention_before = self.retention(frozen=True) if self.eval_cfg.retention else None
         self._write_provenance()
 

@@ -26,6 +26,29 @@ def recipe_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def single_process_trainer(recipe, name: str, describe: dict, evaluate):
+    """The optimizer, schedule, sampler, resume payload and Trainer of a single-process recipe
+    (autoencode, fuse), reporting to its run writer. `recipe` has cfg, writer, model, objective,
+    tensors, seed, trainer_cfg, optim_cfg, device, show_progress. -> (sampler, resume or None, trainer)."""
+    from modalign.data.batches import EpochSampler
+    from modalign.train.loop import Trainer
+    from modalign.train.optim import build_optimizer, build_scheduler
+    from modalign.train.progress import TrainProgress
+
+    t = recipe.trainer_cfg
+    opt = build_optimizer(recipe.model.components(), recipe.optim_cfg)
+    sched = build_scheduler(opt, recipe.optim_cfg, t.max_steps)
+    sampler = EpochSampler(recipe.tensors["train"], t.batch_size, recipe.seed, t.accumulate)
+    resume = recipe.writer.load_checkpoint("last.pt") if recipe.cfg.resume is not None else None
+    keep = int(resume["step"]) if resume is not None else (0 if recipe.cfg.resume is not None else None)
+    recipe.writer.open_metrics(keep_until_step=keep)  # a resumed run keeps its points up to last.pt
+    progress = TrainProgress(f"{name} {recipe.writer.path.name[:36]}", t.monitor.removeprefix("val/")) \
+        if recipe.show_progress else None
+    trainer = Trainer(recipe.model, recipe.objective, opt, sched, sampler, evaluate, t, [recipe.writer],
+                      describe=describe, progress=progress, device=recipe.device)
+    return sampler, resume, trainer
+
+
 def split_resume(overrides: list[str]) -> tuple[str | None, list[str]]:
     resume, rest = None, []
     for o in overrides:
