@@ -6,6 +6,7 @@ placed)."""
 from pathlib import Path
 
 import pytest
+import yaml
 
 from modalign.errors import UserError
 from modalign.recipes.config import compose, to_container
@@ -30,8 +31,9 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
         p = plan([f"experiment={rel.stem}"])
         assert p["grid"] and p["metric"].startswith(("test/", "val/")), p  # names its grid and its metric
         return
-    stage3 = rel.parts[0] == "fusion" or rel.as_posix() in ("fuse.yaml", "trainer/fuse.yaml", "loss/xe.yaml",
-                                                             "loss/scst.yaml")
+    # stage 3's files: the fusion group, its root and trainer, and the caption losses (kind xe or scst)
+    stage3 = rel.parts[0] == "fusion" or rel.as_posix() in ("fuse.yaml", "trainer/fuse.yaml") or (
+        rel.parts[0] == "loss" and yaml.safe_load(path.read_text())["kind"] in ("xe", "scst"))
     root = rel.stem if len(rel.parts) == 1 else \
         ("autoencode" if rel.parts[0] == "bottleneck" else "fuse" if stage3 else "align")
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
@@ -124,6 +126,7 @@ def _instantiate(rel: Path, cfg, tmp_path) -> None:
         recipe = FuseRecipe(cfg, RunWriter(tmp_path / "run", rank=1), progress=False)  # writes nothing
         recipe.setup()
         batch = recipe.tensors["train"].batch(torch.arange(4))
+        batch = recipe.objective.inputs(batch)
         assert recipe.objective(recipe.model(batch), batch)["loss"].isfinite()
         from modalign.train.optim import build_optimizer
 

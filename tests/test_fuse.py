@@ -109,6 +109,34 @@ def test_every_variant_trains_its_parts_and_checkpoints_no_frozen_lm_weight(kind
         again.load_state_dict({k: v for k, v in list(state.items())[1:]})
 
 
+def test_the_contrastive_term_pulls_each_soft_token_toward_its_own_captions_words():
+    """XE+contrastive: the caption side is the mean input embedding of the caption's words (eos and
+    padding left out); the term alone, minimised, makes each sample's soft token nearest its own caption."""
+    from modalign.models.fusion import soft_text_contrastive
+
+    model = fused("prefix", {})
+    b = batch()
+    emb = model.lm.get_input_embeddings().weight
+    caption = model.caption_embedding(b["text"])
+    assert torch.allclose(caption[1], (emb[8] + emb[9]) / 2) and torch.allclose(caption[2], emb[4])
+    groups = torch.arange(3)
+    params = list(model.projector.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(60):
+        loss = soft_text_contrastive(model(b), caption, groups, temperature=0.1)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.5 * first
+    with torch.no_grad():
+        soft = torch.nn.functional.normalize(model(b).soft.mean(1), dim=-1)
+    sims = soft @ torch.nn.functional.normalize(caption, dim=-1).T
+    assert sims.argmax(1).tolist() == [0, 1, 2]
+
+
 def test_generation_is_batched_and_beam_search_keeps_samples_apart():
     model = fused("additive", {"layers": [1, 3]})
     b = batch()
@@ -226,7 +254,8 @@ def only_run(cwd: Path) -> Path:
 def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, cache_dir, tiny_lm, tiny_run):
     from modalign.eval.captioning import meteor_available
 
-    p = run_cli(fuse_args(tiny_lm, tiny_run, "eval.meteor=auto", "eval.retention=true"), tmp_path, cache_dir)
+    p = run_cli(fuse_args(tiny_lm, tiny_run, "eval.meteor=auto", "eval.retention=true", "loss=xe_contrastive"),
+                tmp_path, cache_dir)
     assert p.returncode == 0, p.stderr
     run = only_run(tmp_path)
     summary = json.loads((run / "facts" / "summary.json").read_text())
@@ -257,6 +286,13 @@ def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, c
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     grads = {r["name"] for r in rows if r["name"].startswith("grad_norm/") and r["value"] > 0}
     assert {"grad_norm/projector", "grad_norm/adapter", "grad_norm/lora"} <= grads
+    # XE+contrastive: both terms logged, the loss their weighted sum (weight 0.5)
+    train = {}
+    for r in rows:
+        if r["split"] == "train":
+            train.setdefault(r["step"], {})[r["name"]] = r["value"]
+    last = train[max(train)]
+    assert last["loss"] == pytest.approx(last["xe"] + 0.5 * last["contrastive"], rel=1e-5)
     # `modalign eval` decodes the best checkpoint again: the same captions and CIDEr-D
     before = (run / "facts" / "predictions_test.jsonl").read_text()
     p = run_cli(["eval", str(run)], tmp_path, cache_dir)
@@ -278,22 +314,33 @@ def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, c
     assert {"reward", "reward_greedy"} <= {r["name"] for r in rows if r["split"] == "train"}
 
 
-def test_a_fuse_run_killed_with_sigkill_resumes_to_identical_predictions(tmp_path, cache_dir, tiny_lm, tiny_run):
+def test_a_fuse_run_killed_or_stopped_by_sigterm_resumes_to_identical_predictions(tmp_path, cache_dir, tiny_lm,
+                                                                                     tiny_run):
     straight = tmp_path / "straight"
     straight.mkdir()
     assert run_cli(fuse_args(tiny_lm, tiny_run), straight, cache_dir).returncode == 0
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    p = run_cli(fuse_args(tiny_lm, tiny_run), killed, cache_dir, env_extra={"MODALIGN_FAULTS": "kill:step@6"})
-    assert p.returncode == -9, p.stderr
-    run = only_run(killed)
-    p = run_cli(["train", "--quiet", "--recipe", "fuse", f"resume={run}"], killed, cache_dir)
-    assert p.returncode == 0, p.stderr
-    a, b = only_run(straight), run
-    assert (a / "facts" / "predictions_test.jsonl").read_text() == (b / "facts" / "predictions_test.jsonl").read_text()
-    sa = json.loads((a / "facts" / "summary.json").read_text())["test"]
-    sb = json.loads((b / "facts" / "summary.json").read_text())["test"]
-    assert sa == sb
+    expected = only_run(straight)
+    # SIGKILL after step 6 (nothing of it logged); SIGTERM after step 3 (as SLURM sends before a
+    # time limit: the step is finished, last.pt written, the run marked interrupted, exit 143)
+    for fault, code in (("kill:step@6", -9), ("term:step@3", 143)):
+        where = tmp_path / fault.split(":")[0]
+        where.mkdir()
+        p = run_cli(fuse_args(tiny_lm, tiny_run), where, cache_dir, env_extra={"MODALIGN_FAULTS": fault})
+        assert p.returncode == code, p.stderr
+        run = only_run(where)
+        info = json.loads((run / "run.json").read_text())
+        assert not (run / "facts" / "summary.json").exists()
+        if code == 143:
+            assert info["status"] == "interrupted" and "SIGTERM" in info["error"] and "Traceback" not in p.stderr
+            manifest = json.loads((run / "checkpoints" / "manifest.json").read_text())
+            assert manifest["checkpoints"]["last.pt"]["step"] == 3
+        p = run_cli(["train", "--quiet", "--recipe", "fuse", f"resume={run}"], where, cache_dir)
+        assert p.returncode == 0, p.stderr
+        assert ((run / "facts" / "predictions_test.jsonl").read_text()
+                == (expected / "facts" / "predictions_test.jsonl").read_text()), fault
+        sa = json.loads((expected / "facts" / "summary.json").read_text())["test"]
+        sb = json.loads((run / "facts" / "summary.json").read_text())["test"]
+        assert sa == sb, fault
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -317,7 +364,11 @@ def test_bad_fuse_input_is_one_line_and_exit_2(tmp_path, cache_dir, tiny_lm, tin
     (["fusion=cross_attn", "fusion.heads=7"], None),
     (["+encoder.width=64"], "config: unknown key 'encoder.width'"),
     (["encoder.init_from=auto", "data=npz", "data.path=x.npz"], "'encoder.init_from'=auto trains an align run on the demo data only"),
-], ids=["alpha-init", "tokens", "scale", "beams", "template", "heads-ok-until-built", "encoder-key", "auto-on-own-data"])
+    (["loss=xe_contrastive", "fusion=none"], "config: 'loss.contrastive'=0.5 needs a modality input, and fusion=none has none"),
+    (["loss=scst", "+loss.contrastive=0.5", "init_from=/x"], "config: 'loss.contrastive' is 0.5; the contrastive term goes with loss.kind=xe"),
+    (["loss=xe_contrastive", "loss.temperature=0"], "config: 'loss.temperature' is 0.0; it must be > 0"),
+], ids=["alpha-init", "tokens", "scale", "beams", "template", "heads-ok-until-built", "encoder-key", "auto-on-own-data",
+        "contrastive-without-modality", "contrastive-with-scst", "temperature"])
 def test_bad_fuse_options_are_refused_before_any_model_is_loaded(tmp_path, extra, needle):
     """The options are read and checked first (FuseRecipe.read_config), before data, LM or encoder."""
     from omegaconf import OmegaConf

@@ -4,6 +4,8 @@ MODALIGN_FAULTS="point@n[,point@n...]" makes a run misbehave at a chosen place, 
 it inside a checkpoint write or poison one step, deterministically, through the real entry point:
 
     kill:step               SIGKILL right after optimizer step n, before anything of it is logged
+    term:step               SIGTERM right after optimizer step n (as SLURM sends before a time limit):
+                            the run stops at that step with a checkpoint, status `interrupted`
     kill:checkpoint_tmp     SIGKILL in the n-th checkpoint save of this process, after the new file
                             is written under its temp name, before the rename
     kill:checkpoint_rename  SIGKILL in the n-th save, after the rename, before the manifest commit
@@ -47,3 +49,9 @@ def kill_if(point: str, at: int | None = None) -> None:
     """SIGKILL this process (no cleanup, no flush: as the OOM killer or a wall-time limit would)."""
     if hit(point, at):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def term_if(point: str, at: int | None = None) -> None:
+    """SIGTERM this process: its handler asks the trainer to stop cleanly after the current step."""
+    if hit(point, at):
+        os.kill(os.getpid(), signal.SIGTERM)

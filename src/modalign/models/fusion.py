@@ -446,6 +446,7 @@ class FuseOutput(NamedTuple):
     logits: torch.Tensor  # (B, L, V) next-token logits at the caption positions
     targets: torch.Tensor  # (B, L) caption + eos token ids, -1 = padding
     soft_norm: torch.Tensor  # () mean norm of the soft tokens (0 without modality input)
+    soft: torch.Tensor | None = None  # (B, k, W) the soft tokens (None without modality input)
 
 
 class FusedLM(nn.Module):
@@ -556,11 +557,20 @@ class FusedLM(nn.Module):
         h = hidden[:, n_before - 1:]
         logits = self.lm.get_output_embeddings()(h)
         soft_norm = soft.detach().float().norm(dim=-1).mean() if soft is not None else torch.zeros((), device=text.device)
-        return FuseOutput(logits, text, soft_norm)
+        return FuseOutput(logits, text, soft_norm, soft)
 
     def _body(self, embeds, mask):
         base = getattr(self.lm, "model", None) or getattr(self.lm, "transformer")
         return base(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def caption_embedding(self, text: torch.Tensor) -> torch.Tensor:
+        """text (B, L) caption + eos, -1 padded -> (B, W): the mean of the frozen LM's input embeddings
+        of the caption's tokens (eos and padding left out). The text side of the contrastive term."""
+        n = (text >= 0).sum(1, keepdim=True)  # caption tokens + the eos
+        words = (torch.arange(text.shape[1], device=text.device)[None, :] < (n - 1)).unsqueeze(-1)
+        emb = self._embed(text.clamp(min=0)).float()
+        return (emb * words).sum(1) / (n - 1).clamp(min=1)
 
     def text_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits of the LM (with whatever the fusion changed, e.g. LoRA) over text alone: (B, L, V)."""
@@ -606,6 +616,18 @@ def caption_loss(out: FuseOutput) -> dict[str, torch.Tensor]:
     ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
     ce = (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
     return {"loss": ce, "xe": ce.detach()}
+
+
+def soft_text_contrastive(out: FuseOutput, caption: torch.Tensor, groups: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """The XE+contrastive term: symmetric InfoNCE between each sample's mean soft token and the mean
+    LM input embedding of its caption's words (`FusedLM.caption_embedding`), both L2-normalised, at a
+    fixed temperature. Samples with the same caption (`groups`) are positives of each other."""
+    from modalign.losses.contrastive import clip_loss
+
+    m = F.normalize(out.soft.float().mean(1), dim=-1)
+    t = F.normalize(caption.float(), dim=-1)
+    return clip_loss(m, t, torch.tensor(1.0 / temperature, device=m.device), groups)["clip"]
 
 
 def per_example_xe(out: FuseOutput) -> torch.Tensor:

@@ -17,6 +17,7 @@ downloads: a path that is neither a local folder nor a GGUF file is a UserError.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -167,8 +168,14 @@ def _from_folder(folder: Path, gguf: str | None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     kw = {"gguf_file": gguf} if gguf else {}
-    quiet_bars = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantization draws its own tqdm bar
+    # the GGUF dequantization draws its own tqdm bar (not transformers' switchable one), and tqdm
+    # reads TQDM_DISABLE once, at import: silence that bar by giving the module a disabled tqdm
+    gguf_utils = None
+    if gguf:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        bar = getattr(gguf_utils, "tqdm", None)
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32, **kw)
@@ -178,10 +185,8 @@ def _from_folder(folder: Path, gguf: str | None):
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"lm: cannot load {folder / gguf if gguf else folder}: {str(e).strip().splitlines()[0]}") from None
     finally:
-        if quiet_bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet_bars
+        if gguf_utils is not None and isinstance(getattr(gguf_utils, "tqdm", None), functools.partial):
+            gguf_utils.tqdm = gguf_utils.tqdm.func
     return model, tok
 
 

@@ -68,10 +68,16 @@ class DecodeOptions(Options):
 class FuseLoss(Options):
     kind: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical, CIDEr-D reward, greedy baseline
     max_new_tokens: int = 40  # scst: length limit of the sampled and greedy captions
+    contrastive: float = 0.0  # xe: weight of the soft-token / caption-embedding InfoNCE term (0 = XE alone)
+    temperature: float = 0.1  # xe: the InfoNCE term's fixed temperature
 
     def validate(self) -> None:
         one_of(self, "kind", ("xe", "scst"))
         at_least(self, "max_new_tokens", 1)
+        at_least(self, "contrastive", 0.0)
+        require(self.temperature > 0, "temperature", self.temperature, "it must be > 0")
+        require(self.kind == "xe" or self.contrastive == 0, "contrastive", self.contrastive,
+                "the contrastive term goes with loss.kind=xe (SCST fine-tunes on its reward alone)")
 
 
 def find_checkpoint(source: str, key: str) -> Path:
@@ -252,6 +258,9 @@ class FuseRecipe:
             raise UserError(f"config: 'encoder.freeze' must be true or false, got {self.freeze!r}")
         if self.init_from == "auto":
             self.init_from = auto_align_run(self.cfg, quiet=not self.show_progress)
+        if self.loss_opts.contrastive > 0 and not self.variant.obj.uses_modality:
+            raise UserError(f"config: 'loss.contrastive'={self.loss_opts.contrastive} needs a modality input, and "
+                            f"fusion={kind} has none (set loss=xe for it)")
         if self.init_from is None and self.variant.obj.uses_modality:
             raise UserError(f"config: 'encoder.init_from' is required for fusion={kind} (an align run directory: "
                             f"stage 3 fuses a stage-2 encoder)")
@@ -260,7 +269,8 @@ class FuseRecipe:
         import torch
 
         from modalign.data.batches import PairedTensors
-        from modalign.models.fusion import FusedLM, Projector, auto_scale, build_fusion, caption_loss
+        from modalign.models.fusion import (FusedLM, Projector, auto_scale, build_fusion, caption_loss,
+                                            soft_text_contrastive)
         from modalign.models.lm import load_lm
         from modalign.train.allocator import tune_malloc
         from modalign.train.device import resolve_device, set_tf32
@@ -309,12 +319,21 @@ class FuseRecipe:
             self.parents.append(self._start_from(self.start_from))
         self.model.to(self.device)
 
+        model, weight, temperature = self.model, self.loss_opts.contrastive, self.loss_opts.temperature
+
         class Objective(torch.nn.Module):  # stateless; a module so the trainer checkpoints it like any other
             def inputs(self, batch):
+                if weight > 0:
+                    return {**batch, "caption_embedding": model.caption_embedding(batch["text"])}
                 return batch
 
             def forward(self, out, batch):
-                return caption_loss(out)
+                terms = caption_loss(out)
+                if weight > 0:
+                    c = soft_text_contrastive(out, batch["caption_embedding"], batch["groups"], temperature)
+                    terms["loss"] = terms["loss"] + weight * c
+                    terms["contrastive"] = c.detach()
+                return terms
 
         self.objective = SCSTObjective(self) if self.loss_opts.kind == "scst" else Objective()
         names = self.metric_names()

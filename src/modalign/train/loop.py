@@ -296,6 +296,7 @@ class Trainer:
         while self.step < cfg.max_steps and not self.early.stopped:
             values = self._train_step()
             faults.kill_if("kill:step", at=self.step)
+            faults.term_if("term:step", at=self.step)
             if self.step % cfg.log_every == 0 or self.step == 1 or "nonfinite_skips" in values:
                 self._log("train", values)
             evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
