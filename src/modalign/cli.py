@@ -125,13 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs whose run.json or config has this value, e.g. status=completed head.kind=mlp")
     r.add_argument("--sort", metavar="METRIC", help="sort by a test metric, best first (e.g. m2t_R@1)")
+
+    y = sub.add_parser("sync", help="push run directories into a tracking sink: modalign sync RUN|SWEEP|ROOT --to mlflow",
+                       epilog="options per sink: tensorboard.dir=tb, mlflow.uri=sqlite:///PATH mlflow.experiment=NAME, "
+                              "wandb.mode=offline|online wandb.project=NAME wandb.entity=NAME (docs/tracking.md)")
+    y.add_argument("target", help="a run directory, a sweep directory, or an outputs root")
+    y.add_argument("--to", action="append", required=True, metavar="SINK",
+                   help="tensorboard, mlflow or wandb (repeat, or comma-separate, for several)")
+    y.add_argument("options", nargs="*", metavar="SINK.KEY=VALUE", help="sink options, e.g. mlflow.uri=sqlite:///m.db")
+    y.add_argument("--quiet", action="store_true", help="no table")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if argv[:1] == ["sync"]:  # its SINK.KEY=VALUE options may also follow --to
+            args, extra = parser.parse_known_args(argv)
+            if any(e.startswith("-") for e in extra):
+                raise UserError(f"sync: unrecognized arguments: {' '.join(extra)} (see modalign sync --help)")
+            args.options = [*args.options, *extra]
+        else:
+            args = parser.parse_args(argv)
         if args.version:
             from modalign import __version__
 
@@ -141,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
-                "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs}[args.command](args)
+                "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs,
+                "sync": cmd_sync}[args.command](args)
     except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
         print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
@@ -450,6 +467,52 @@ def cmd_runs(args) -> int:
         table.add_row(*cells)
     _console().print(table)
     return 0
+
+
+def cmd_sync(args) -> int:
+    """Replay run directories into sinks (modalign.sinks.sync): runs trained before a sink was
+    configured, or on a machine without it. Each sink receives only what it does not hold yet."""
+    import yaml
+
+    from modalign.runs.index import find_runs
+    from modalign.sinks import read_logger, sync
+
+    names = [n.strip() for item in args.to for n in item.split(",") if n.strip()]
+    section: dict = {n: {} for n in names}
+    for o in args.options:
+        key, eq, value = o.partition("=")
+        sink, _, leaf = key.partition(".")
+        if not eq or not leaf:
+            raise UserError(f"sync: '{o}': expected SINK.KEY=VALUE, e.g. mlflow.uri=sqlite:///m.db")
+        if sink not in section:
+            raise UserError(f"sync: '{o}' sets an option of '{sink}', which is not among --to {','.join(names)}")
+        section[sink][leaf] = yaml.safe_load(value) if value else None
+    logger = read_logger(section, key="sync --to")
+    runs = [r.path for r in find_runs(Path(args.target)) if (r.path / "metrics.jsonl").exists()]
+    if not runs:
+        raise UserError(f"sync: {args.target}: no run directories there (a run, a sweep, or an outputs root)")
+    results = sync(runs, logger)
+    if not args.quiet:
+        from rich.table import Table
+
+        table = Table(title=f"synced {len(runs)} run(s) to {', '.join(names)}")
+        table.add_column("run")
+        for n in names:
+            table.add_column(f"{n}: steps sent", justify="right")
+        for path, res in results:
+            cells = [path.name]
+            for n in names:
+                r = res[n]
+                if not r["ok"]:
+                    cells.append("failed (see the log)")
+                elif r["after"] == r["before"]:
+                    cells.append("up to date")
+                else:
+                    cells.append(f"{0 if r['before'] is None else r['before'] + 1}..{r['after']}")
+            table.add_row(*cells)
+        _console().print(table)
+    failed = sum(1 for _, res in results for n in names if not res[n]["ok"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
 
     known = set(to_container(compose([], root_config(recipe)), "", throw_on_missing=False)) \
         if any(o.startswith("+") for o in overrides) else set(resolved)
-    extra = sorted(set(resolved) - known)
+    extra = sorted(set(resolved) - known - {"logger"})  # logger: an optional group, absent by default
     if extra:
         raise UserError(f"config: unknown key '{extra[0]}'")
     sections = ["data", "encoder", "trainer", "eval", "env", *SECTIONS.get(recipe, ())]
@@ -87,6 +87,9 @@ def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
         raise UserError("config: 'trainer.optim' must map each component to {lr, weight_decay}")
     if "seed" not in resolved:
         raise UserError("config: 'seed' is required (an integer)")
+    from modalign.sinks import read_logger
+
+    read_logger(resolved.get("logger"))  # an unknown sink, a bad option or a missing package: here, not mid-run
     for key in ("outputs", "name"):
         if not isinstance(resolved.get(key), str) or not resolved[key]:
             raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")
@@ -227,6 +230,10 @@ def execute(cfg, writer, quiet: bool, keep_failed: bool = False, world=None):
     if world.distributed and str(cfg.recipe) != "align":
         raise UserError(f"torchrun: the {cfg.recipe} recipe runs in a single process for now (use align)")
     recipe = recipe_class(str(cfg.recipe))(cfg, writer, progress=not quiet, world=world)
+    from modalign.recipes.config import to_container
+    from modalign.sinks import attach, read_logger
+
+    attach(writer, read_logger(to_container(cfg.logger, "logger") if cfg.get("logger") is not None else None))
     STOP.clear()
     previous = _on_sigterm(lambda *_: STOP.set())
     try:
@@ -236,6 +243,7 @@ def execute(cfg, writer, quiet: bool, keep_failed: bool = False, world=None):
             return 0, None
         summary = read_json(writer.run.facts / "summary.json")
         writer.write_card(summary)  # again, now that run.json says completed
+        writer.finish_sinks("completed")
         return 0, summary
     except UserError as e:
         log.error("%s", e)
@@ -243,29 +251,35 @@ def execute(cfg, writer, quiet: bool, keep_failed: bool = False, world=None):
             writer.discard()  # nothing was trained: leave no half run behind
         else:
             writer.set_status("failed", str(e))
+            writer.finish_sinks("failed")
         raise
     except Preempted as e:
         writer.set_status("interrupted", str(e))
+        writer.finish_sinks("interrupted")
         log.error("%s", e)
         print(f"modalign: {e}; continue with: modalign train resume={writer.path}", file=sys.stderr)
         return 143, None  # 128 + SIGTERM, as a killed process would report
     except CheckpointWriteError as e:  # e.g. no space left: resumable once there is room again
         writer.set_status("interrupted", str(e))
+        writer.finish_sinks("interrupted")
         log.error("%s", e)
         print(f"modalign: {e}; make room, then continue with: modalign train resume={writer.path}", file=sys.stderr)
         return 1, None
     except KeyboardInterrupt:
         writer.set_status("interrupted", "interrupted by the user")
+        writer.finish_sinks("interrupted")
         log.error("interrupted")
         raise
     except Exception as e:
         line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log.error("run failed: %s\n%s", line, traceback.format_exc())
         writer.set_status("failed", line)
+        writer.finish_sinks("failed")
         print(f"modalign: run failed: {line} (traceback in {writer.path / 'run.log'})", file=sys.stderr)
         return 1, None
     finally:
         _on_sigterm(previous)
+        writer.close_sinks()
         writer.detach_log()
 
 

@@ -6,6 +6,7 @@
     trainer = Trainer(..., sinks=[writer])                  # log() and checkpoint() calls
     writer.write_facts(summary, scores, embeddings, ...)    # facts/, figures/, card.md
     writer.set_status("completed")
+    writer.finish_sinks("completed")                        # TensorBoard / MLflow / W&B mirrors, if any
 
 Every write of a run goes through here: config, run.json updates, metrics lines, checkpoints and
 their manifest, facts, figures, the card and the log. Under torchrun every rank holds a writer for
@@ -39,6 +40,7 @@ class RunWriter:
         self.rank = rank
         self._metrics = None  # the open metrics.jsonl (rank 0, between open_metrics and close)
         self._log_handler: logging.Handler | None = None
+        self.mirror = None  # tracking sinks (modalign.sinks.Mirror), fed from metrics.jsonl at each last.pt
 
     @property
     def path(self) -> Path:
@@ -84,6 +86,17 @@ class RunWriter:
         fields = {"status": status, "error": error}
         fields["finished_at"] = None if status == "running" else now_iso()
         self.update(**fields)
+
+    def finish_sinks(self, status: str) -> None:
+        """The run ended with `status`: the tracking sinks get what is left, then close."""
+        if self.mirror is not None:
+            self.mirror.finish(status)
+            self.mirror = None
+
+    def close_sinks(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
     def discard(self) -> None:
         """Remove a run that never trained (a bad value found after the directory was made)."""
@@ -157,6 +170,8 @@ class RunWriter:
         save_checkpoint(self.run.checkpoints, name, state(), step=step, metric=metric)
         if keep is not None:
             prune_step_checkpoints(self.run.checkpoints, keep)
+        if name == "last.pt" and self.mirror is not None:
+            self.mirror.checkpoint(step)  # a resume starts here: the sinks may hold everything up to it
 
     def load_checkpoint(self, name: str) -> dict | None:
         """checkpoints/<name> verified against the manifest, or None when there is none. Every rank
