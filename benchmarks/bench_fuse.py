@@ -1,6 +1,6 @@
 # .venv/bin/python benchmarks/bench_fuse.py --rounds 3      (smoke check: --quick)
 """Stage 3 (`fuse`): the recipe's training step against a bare transformers loop, LM load times, and
-decoding throughput, side by side in one run.
+decoding throughput, and the recipe's step in fp32 against bf16 autocast, side by side in one run.
 
 Step. ours = `recipe.trainer._train_step()` of a real FuseRecipe (fusion=prefix, the default: k = 8
 soft tokens from the MLP projector, batch 16 demo captions, fp32), composed as `modalign train
@@ -36,14 +36,14 @@ import common  # noqa: E402
 CACHE = common.HERE / ".bench-cache"
 
 
-def build_recipe(args):
+def build_recipe(args, *extra: str):
     from modalign.recipes.fuse import FuseRecipe
     from modalign.recipes.launch import new_run
 
     out = CACHE / "outputs"
     init = args.align or "auto"
     overrides = [f"outputs={out}", f"encoder.init_from={init}", "data.n_val=64", "data.n_test=200",
-                 "trainer.max_steps=1000", "eval.retention=false"]
+                 "trainer.max_steps=1000", "eval.retention=false", *extra]
     cfg, writer = new_run(overrides, "fuse")
     recipe = FuseRecipe(cfg, writer, progress=False)
     recipe.setup()
@@ -127,6 +127,24 @@ def step_rows(recipe, bare, rounds: int, steps: int):
     return ours_t, bare_t
 
 
+def precision_rows(fp32, bf16, rounds: int, steps: int):
+    """The recipe's own step in fp32 and under bf16 autocast (trainer.precision=bf16), alternating."""
+    a_t, b_t = [], []
+    for _ in range(2):  # warm-up
+        fp32.trainer._train_step()
+        bf16.trainer._train_step()
+    for r in range(rounds):
+        for i in range(steps):
+            order = (fp32, bf16) if (r + i) % 2 == 0 else (bf16, fp32)
+            for rec in order:
+                t0 = time.perf_counter()
+                rec.trainer._train_step()
+                (a_t if rec is fp32 else b_t).append(time.perf_counter() - t0)
+        print(f"# precision round {r + 1}/{rounds}: fp32 {common.med(a_t):.2f} s, bf16 {common.med(b_t):.2f} s",
+              file=sys.stderr)
+    return a_t, b_t
+
+
 def decode_rows(recipe, bare, rounds: int, n: int = 64, bs: int = 32, max_new: int = 40):
     import torch
 
@@ -185,7 +203,11 @@ def main() -> None:
     bare = BareLoop(recipe)
     ours_s, bare_s = step_rows(recipe, bare, args.rounds, args.steps)
     ours_d, bare_d = decode_rows(recipe, bare, max(1, args.rounds - 1))
+    del bare
+    low, low_writer = build_recipe(args, "trainer.precision=bf16")
+    fp32_s, bf16_s = precision_rows(recipe, low, args.rounds, args.steps)
     writer.close()
+    low_writer.close()
 
     common.header("Stage 3: fuse step, LM load, decoding", extra=f"{args.threads} torch threads")
     print(f"Prefix fusion (8 soft tokens, MLP projector {sum(p.numel() for p in recipe.model.projector.parameters()):,} "
@@ -203,7 +225,13 @@ def main() -> None:
     common.table(["greedy decoding, 64 captions, batch 32, <= 40 tokens", "captions/s, median", "ratio ours/bare"],
                  [["ours (FusedLM.generate)", common.fmt(common.med(ours_d)), common.fmt(common.med(ours_d) / common.med(bare_d))],
                   ["bare (lm.generate with inputs_embeds)", common.fmt(common.med(bare_d)), ""]])
-    print(json.dumps({"step_ratio": common.med(bare_s) / common.med(ours_s)}), file=sys.stderr)
+    common.table(["the recipe's step, same batches", "median (s)", "min (s)", "speed vs fp32"],
+                 [["fp32 (trainer.precision=fp32, the fuse default)", common.fmt(common.med(fp32_s)),
+                   common.fmt(min(fp32_s)), "1.00"],
+                  ["bf16 autocast (trainer.precision=bf16)", common.fmt(common.med(bf16_s)), common.fmt(min(bf16_s)),
+                   common.fmt(common.med(fp32_s) / common.med(bf16_s))]])
+    print(json.dumps({"step_ratio": common.med(bare_s) / common.med(ours_s),
+                      "bf16_speed": common.med(fp32_s) / common.med(bf16_s)}), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def _tree(root: Path) -> set[str]:
 def test_torchrun_trains_like_one_process_and_only_rank_0_writes(tmp_path, cache_dir, single_run):
     tmp = tmp_path / "tmp"  # the ranks' temporary directory: nothing may appear in it
     tmp.mkdir()
-    p = _torchrun(["-m", "modalign.recipes.align", "--quiet", *FP32], tmp_path, cache_dir,
+    p = _torchrun(["-m", "modalign.recipes.align", "--quiet", *FP32, "logger=tensorboard"], tmp_path, cache_dir,
                   env_extra={"TMPDIR": str(tmp)})
     assert p.returncode == 0, p.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
@@ -92,6 +92,8 @@ def test_torchrun_trains_like_one_process_and_only_rank_0_writes(tmp_path, cache
     lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len({(json.loads(x)["step"], json.loads(x)["split"], json.loads(x)["name"]) for x in lines})
     assert (runs[0] / "run.log").read_text().count("modalign: run ") == 1
+    # the tracking sink too: rank 0 alone writes TensorBoard events
+    assert len(list((runs[0] / "tb").glob("events.out.tfevents.*"))) == 1
 
 
 def test_a_killed_torchrun_run_resumes_across_ranks(tmp_path, cache_dir, single_run):

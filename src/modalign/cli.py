@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep runs whose run.json or config has this value, e.g. status=completed head.kind=mlp")
     r.add_argument("--sort", metavar="METRIC", help="sort by a test metric, best first (e.g. m2t_R@1)")
 
+    sv = sub.add_parser("serve", help="a local read-only web view of an outputs root: runs, curves, sweeps")
+    sv.add_argument("root", nargs="?", default="outputs", help="the outputs root to show (default: outputs)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1, this machine only; another address shows your runs "
+                         "to your network)")
+
     y = sub.add_parser("sync", help="push run directories into a tracking sink: modalign sync RUN|SWEEP|ROOT --to mlflow",
                        epilog="options per sink: tensorboard.dir=tb, mlflow.uri=sqlite:///PATH mlflow.experiment=NAME, "
                               "wandb.mode=offline|online wandb.project=NAME wandb.entity=NAME (docs/tracking.md)")
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
                 "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs,
-                "sync": cmd_sync}[args.command](args)
+                "sync": cmd_sync, "serve": cmd_serve}[args.command](args)
     except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
         print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
@@ -513,6 +520,39 @@ def cmd_sync(args) -> int:
         _console().print(table)
     failed = sum(1 for _, res in results for n in names if not res[n]["ok"])
     return 1 if failed else 0
+
+
+def cmd_serve(args) -> int:
+    """A read-only local web view (modalign.serve) until Ctrl-C."""
+    import ipaddress
+
+    from modalign.serve import make_server
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"serve: {root}: no such directory (an outputs root, e.g. outputs)")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"serve: --port {args.port}: expected 0..65535")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"modalign: warning: serving on {args.host}: anyone who can reach this machine can read your runs "
+              "(it is read-only, without authentication)", file=sys.stderr)
+    try:
+        server = make_server(root, args.host, args.port)
+    except OSError as e:
+        raise UserError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    host, port = server.server_address[:2]
+    print(f"modalign serve: http://{host}:{port}/ (read-only view of {root.resolve()}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 if __name__ == "__main__":
