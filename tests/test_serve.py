@@ -59,6 +59,13 @@ def served(tmp_path_factory, demo_sweep):
     outside.mkdir()
     (outside / "key.txt").write_text("do not serve")
     (root / "runs" / "escape").symlink_to(outside, target_is_directory=True)
+    # the sweep, caught while it runs: its last job still running, sweep.yaml not yet final
+    last = max((d for d in sweep.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    info = json.loads((last / "run.json").read_text())
+    info.update(status="running", finished_at=None)
+    (last / "run.json").write_text(json.dumps(info))
+    text = (sweep / "sweep.yaml").read_text()
+    (sweep / "sweep.yaml").write_text(text.replace("status: completed", "status: running", 1))
     before = snapshot(root)
     proc = subprocess.Popen([sys.executable, "-m", "modalign", "serve", str(root), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -81,12 +88,13 @@ def get(url: str, path: str, method: str = "GET") -> tuple[int, str]:
     return r.status, body
 
 
-def dom(url: str) -> str:
+def dom(url: str, screenshot: Path | None = None) -> str:
     # the report test's flags, except that the served address resolves (every other host still fails)
     flags = [f for f in FLAGS if not f.startswith("--host-resolver-rules")] + [
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+    shot = [f"--screenshot={screenshot}", "--window-size=1280,900"] if screenshot else []
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        p = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", "--virtual-time-budget=3000",
+        p = subprocess.run([CHROMIUM, *flags, *shot, f"--user-data-dir={profile}", "--virtual-time-budget=3000",
                             "--dump-dom", url], capture_output=True, text=True, timeout=90)
     assert p.returncode == 0, p.stderr[-1500:]
     return p.stdout
@@ -110,6 +118,24 @@ def test_the_runs_table_and_a_run_page_with_its_curves_render_in_chromium(served
     assert '<meta http-equiv="refresh"' not in run_page  # a completed run does not refresh
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+def test_a_sweep_that_runs_is_shown_live_in_a_chromium_screenshot(served, tmp_path):
+    from PIL import Image
+
+    url, root, *_ = served
+    sweep = next((root / "experiments").iterdir())
+    png = tmp_path / "sweep.png"
+    page = dom(f"{url}/sweep/{sweep.relative_to(root).as_posix()}", screenshot=png)
+    n = len([d for d in sweep.iterdir() if d.name.isdigit()])
+    assert f"{n} jobs: {n - 1} done, 1 running" in page and '<meta http-equiv="refresh"' in page
+    assert page.count('class="status-running"') == 2  # the running job, and the sweep's own status
+    assert '<table class="jobs">' in page and page.count("<tr>") == n + 1
+    shot = Image.open(png).convert("RGB")
+    colours = {c for _, c in shot.getcolors(maxcolors=1 << 20)}
+    assert len(colours) > 20  # text drawn, not a blank page
+    assert any(sum(abs(a - b) for a, b in zip(c, (176, 109, 0))) < 60 for c in colours)  # the running job's amber
+
+
 def test_pages_survive_torn_lines_and_half_written_runs_and_sweeps_show_their_jobs(served):
     url, root, _, running = served
     status, body = get(url, "/run/" + running.relative_to(root).as_posix())
@@ -119,7 +145,7 @@ def test_pages_survive_torn_lines_and_half_written_runs_and_sweeps_show_their_jo
     sweep = next((root / "experiments").iterdir())
     status, body = get(url, "/sweep/" + sweep.relative_to(root).as_posix())
     n = len([d for d in sweep.iterdir() if d.name.isdigit()])
-    assert status == 200 and f"{n} done" in body and "report</a>" in body
+    assert status == 200 and f"{n - 1} done, 1 running" in body and "report</a>" in body
     assert get(url, "/?q=live&status=running")[1].count("/run/") == 1
     assert get(url, "/files/" + sweep.relative_to(root).as_posix() + "/report/index.html")[0] == 200
 
