@@ -174,6 +174,16 @@ def run_meta(path: Path, committed: int | None) -> RunMeta:
 # --- the mirror ---------------------------------------------------------------------------------
 
 
+def read_state(path: Path) -> dict:
+    """The run's tracking.json ({sink: {committed, ids, finished}}), {} when absent or unreadable."""
+    p = path / STATE_FILE
+    try:
+        state = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 class Mirror:
     """Feeds the sinks from a run's metrics.jsonl (see the module's docstring)."""
 
@@ -182,7 +192,7 @@ class Mirror:
         self.all = dict(sinks)  # name -> sink
         self.active = dict(sinks)  # the ones not detached nor finished
         self.opened: set[str] = set()
-        self.state: dict[str, dict] = self._read_state()
+        self.state: dict[str, dict] = read_state(self.path)
         self.rows: list[dict] = []
         self._offset = 0  # bytes of metrics.jsonl read so far (this session)
         self._sent: dict[str, int] = {}  # name -> index in self.rows of the first row not yet sent
@@ -190,14 +200,6 @@ class Mirror:
         self.checkpoint_step: int | None = None  # the step of this session's last last.pt
 
     # state -------------------------------------------------------------------------------------
-    def _read_state(self) -> dict:
-        p = self.path / STATE_FILE
-        try:
-            state = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return state if isinstance(state, dict) else {}
-
     def _write_state(self) -> None:
         from modalign.runs.rundir import atomic_write_json
 
@@ -344,7 +346,7 @@ def sync(paths: list[Path], logger: dict[str, Options]) -> list[tuple[Path, dict
     for path in paths:
         status = json.loads((path / "run.json").read_text(encoding="utf-8")).get("status", "running")
         last = max((r["step"] for r in RunDir(path).read_metrics()), default=None)
-        state = Mirror(path, {}).state
+        state = read_state(path)
         before = {n: state.get(n, {}).get("committed") for n in logger}
         todo = {n: o for n, o in logger.items()
                 if not (state.get(n, {}).get("finished") == status and before[n] == last)}

@@ -35,14 +35,6 @@ def default_uri(outputs: Path) -> str:
     return f"sqlite:///{(outputs / 'mlflow.db').resolve()}"
 
 
-def _flat(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
 class MLflowSink:
     def __init__(self, options: MLflowOptions):
         self.options = options
@@ -88,6 +80,8 @@ class MLflowSink:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        from modalign.runs.card import flatten
+
         self.uri = state.get("uri") or self.options.uri or default_uri(meta.outputs)
         if self.uri.startswith("sqlite:///"):
             db = Path(self.uri.removeprefix("sqlite:///"))
@@ -105,7 +99,7 @@ class MLflowSink:
                 tags["mlflow.parentRunId"] = self._sweep_parent(experiment_id, meta)
             run = self.client.create_run(experiment_id, run_name=meta.label, tags=tags)
             self.run_id = run.info.run_id
-            params = [Param(metric_key(k)[:250], str(v)[:PARAM_LIMIT]) for k, v in _flat(meta.config)]
+            params = [Param(metric_key(k)[:250], str(v)[:PARAM_LIMIT]) for k, v in flatten(meta.config).items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
         return {"uri": self.uri, "run_id": self.run_id, "experiment_id": experiment_id}
