@@ -59,8 +59,9 @@ install-tracking: $(VENV)/.installed-tracking
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/modalign demo
 
+# One pytest worker per core (pytest-xdist); tests/conftest.py gives each an equal share of threads.
 test: $(VENV)/.installed-test browser
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto --dist worksteal
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow

@@ -12,6 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`make test` runs `-n auto`: one worker per core), each worker and the CLI
+# processes it starts get an equal share of the cores: torch's default (one thread per core) in
+# every worker would oversubscribe them, and OpenMP threads that wait for a busy core spin.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 # A tiny demo: fast enough for a subprocess per test, big enough that every split has facts to match.
 TINY = ["data.n_train=256", "data.n_val=64", "data.n_test=64", "trainer.batch_size=64",
         "trainer.max_steps=12", "trainer.eval_every=6", "trainer.log_every=2"]
@@ -35,7 +42,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    d = Path(os.environ.get("MODALIGN_TEST_CACHE") or tmp_path_factory.mktemp("modalign-cache"))
+    """The session's text-embedding cache; xdist's workers share one (beside their own temp
+    folders): it is written atomically, so the captions are encoded about once per test session."""
+    if os.environ.get("MODALIGN_TEST_CACHE"):
+        d = Path(os.environ["MODALIGN_TEST_CACHE"])
+    elif _WORKERS > 1:
+        d = tmp_path_factory.getbasetemp().parent / "modalign-cache"
+        d.mkdir(exist_ok=True)
+    else:
+        d = tmp_path_factory.mktemp("modalign-cache")
     os.environ["MODALIGN_CACHE"] = str(d)
     return d
 
@@ -89,15 +104,21 @@ def smollm2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory, smollm2) -> Path:
+def tiny_lm(tmp_path_factory) -> Path:
     """A tiny Llama-style causal LM folder (random weights, 30 blocks of width 64, like SmolLM2's
     depth) with SmolLM2's real tokenizer, for fuse tests where a real LM's quality is not the point.
-    Loaded by the same code as any local LM (`lm.path=...`)."""
+    Loaded by the same code as any local LM (`lm.path=...`). The tokenizer is read from the GGUF
+    file as load_lm reads it, without dequantizing the weights (half a minute) that nothing here uses."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from modalign.models.lm import LMOptions, locate
 
     d = tmp_path_factory.mktemp("tiny-lm")
-    tok = smollm2[0].tokenizer
+    folder, gguf = locate(LMOptions())
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # as load_lm sets it
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=30,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

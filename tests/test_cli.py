@@ -250,6 +250,7 @@ def test_bad_arguments_exit_2(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("override, expected", [  # found by tests/test_fuzz.py
     ("trainer=5", "'trainer' must name one of its options (default, fuse, smoke), got '5'"),
+    ("logger=null", "got 'null' (to leave the group out: ~logger)"),
     ("eval=5", "'eval' must be a config section"),
     ("~seed", "'seed' is required"),
     ("trainer.optim.encoder=5", "'trainer.optim' must map each component"),

@@ -127,6 +127,11 @@ def test_three_sinks_through_a_kill_and_a_sigterm_hold_every_point_once_equal_to
     assert after["mlflow"]["run_id"] == state["mlflow"]["run_id"] and after["wandb"]["id"] == middle["wandb"]["id"]
     assert len(list((run / "wandb").glob(f"offline-run-*-{after['wandb']['id']}"))) == 2  # two sessions, one id
     check_all_sinks(run)  # every point once, equal to metrics.jsonl
+    # what each sink cost the run, all three sessions summed: it only grows across sessions
+    for s in ("tensorboard", "mlflow", "wandb"):
+        assert set(after[s]["seconds"]) == {"open", "log", "finish"} and min(after[s]["seconds"].values()) > 0, after[s]
+    for s in ("tensorboard", "mlflow"):
+        assert after[s]["seconds"]["open"] > middle[s]["seconds"]["open"] > state[s]["seconds"]["open"] > 0
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=after["mlflow"]["uri"])

@@ -473,27 +473,30 @@ class FusedLM(nn.Module):
         self.text_norm = float(emb.detach().float().norm(dim=-1).mean())
 
     # checkpoints: trainable parameters and buffers, never the frozen LM ------------------------
-    def _kept(self, key: str) -> bool:
+    def _kept(self, key: str, trainable_lm: set[str]) -> bool:
         if key.startswith("lm."):
-            return key in self._trainable_lm
+            return key in trainable_lm
         if key.startswith("modality.") and self.freeze_encoder:
             return False
         return True
 
-    @property
     def _trainable_lm(self) -> set[str]:
+        """The LM's trainable parameter names (adapters, LoRA, unfrozen blocks), computed once per
+        state_dict/load call: per key it made a checkpoint of a 30-block LM cost seconds."""
         return {f"lm.{n}" for n, p in self.lm.named_parameters() if p.requires_grad}
 
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        for k in [k for k in full if not self._kept(k[len(prefix):])]:
+        trainable = self._trainable_lm()
+        for k in [k for k in full if not self._kept(k[len(prefix):], trainable)]:
             del full[k]
         return full
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if self._kept(k)]
+        trainable = self._trainable_lm()
+        missing = [k for k in result.missing_keys if self._kept(k, trainable)]
         if strict and (missing or result.unexpected_keys):
             what = f"missing {missing[0]}" if missing else f"unexpected {result.unexpected_keys[0]}"
             raise RuntimeError(f"Error(s) in loading state_dict for FusedLM: {what}")

@@ -70,7 +70,8 @@ def _non_name_group(overrides: list[str]) -> str | None:
         name = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value) and value not in ("null", "true", "false")
         if (conf / group).is_dir() and not name:
             options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-            return f"'{group}' must name one of its options ({', '.join(options)}), got {value!r}"
+            drop = f" (to leave the group out: ~{group})" if value == "null" else ""
+            return f"'{group}' must name one of its options ({', '.join(options)}), got {value!r}{drop}"
     return None
 
 

@@ -87,6 +87,11 @@ class RunWriter:
         fields["finished_at"] = None if status == "running" else now_iso()
         self.update(**fields)
 
+    def training_starts(self) -> None:
+        """The trainer is about to take its first step: the live tracking sinks open now."""
+        if self.mirror is not None:
+            self.mirror.start()
+
     def finish_sinks(self, status: str) -> None:
         """The run ended with `status`: the tracking sinks get what is left, then close."""
         if self.mirror is not None:

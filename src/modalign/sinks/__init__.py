@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,11 +199,18 @@ class Mirror:
         self._sent: dict[str, int] = {}  # name -> index in self.rows of the first row not yet sent
         self.failed: set[str] = set()  # detached after a failure
         self.checkpoint_step: int | None = None  # the step of this session's last last.pt
+        # seconds spent inside each sink's calls, by phase (open / log / finish), earlier sessions
+        # included: what the sinks cost the run, kept in tracking.json
+        self.seconds: dict[str, dict[str, float]] = {
+            n: {k: float(v) for k, v in (self.state.get(n, {}).get("seconds") or {}).items()} for n in self.all}
 
     # state -------------------------------------------------------------------------------------
     def _write_state(self) -> None:
         from modalign.runs.rundir import atomic_write_json
 
+        for name, st in self.state.items():
+            if self.seconds.get(name):
+                st["seconds"] = {k: round(v, 6) for k, v in self.seconds[name].items()}
         atomic_write_json(self.path / STATE_FILE, self.state)
 
     def _read_new_rows(self) -> None:
@@ -223,7 +231,10 @@ class Mirror:
         self._offset += end
 
     # the sinks -----------------------------------------------------------------------------------
+    PHASES = {"opening": "open", "logging points": "log", "finishing": "finish"}
+
     def _call(self, name: str, what: str, fn) -> bool:
+        t0 = time.perf_counter()
         try:
             if faults.hit(f"raise:sink_{name}"):  # a sink failing mid-run (see modalign.faults)
                 raise OSError(f"injected failure of the {name} sink")
@@ -237,6 +248,10 @@ class Mirror:
             self.failed.add(name)
             self._close(name)
             return False
+        finally:
+            spent = self.seconds.setdefault(name, {})
+            phase = self.PHASES[what]
+            spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - t0
 
     def _close(self, name: str) -> None:
         if name in self.opened:
@@ -264,6 +279,18 @@ class Mirror:
             start += 1
         self._sent[name] = start
         return True
+
+    def start(self) -> None:
+        """Training is about to start: open the live sinks now (their imports, an MLflow store's
+        creation), so that neither the first checkpoint nor the run's train_seconds pays for it,
+        and a sink that cannot open is detached before the first step."""
+        if not self.active:
+            return
+        self._read_new_rows()  # a resumed run: what the sinks hold is known before they open
+        for name, sink in list(self.active.items()):
+            if getattr(sink, "live", True):
+                self._open(name)
+        self._write_state()
 
     def checkpoint(self, step: int) -> None:
         """last.pt now holds `step`: the live sinks get every point up to it. A sink that is not live

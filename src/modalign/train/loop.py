@@ -64,6 +64,10 @@ class Sink(Protocol):
     def checkpoint(self, name: str, state: Callable[[], dict], step: int, metric: float | None = None,
                    keep: int | None = None) -> None: ...
 
+    def training_starts(self) -> None:
+        """Called once per session, before the first step (the run writer opens its tracking sinks
+        here, so their start-up is neither a stall at the first checkpoint nor training time)."""
+
 
 def grad_norms(components: dict[str, list[nn.Parameter]]) -> dict[str, float]:
     """L2 norm of the gradient of each component's parameters (0 where no gradient)."""
@@ -289,6 +293,8 @@ class Trainer:
         if resume is not None:
             self.load_state(resume)
         cfg = self.cfg
+        for sink in self.sinks:
+            sink.training_starts()
         if self.progress:
             self.progress.start(cfg.max_steps, self.step)
         self._t_start = time.perf_counter()
