@@ -106,14 +106,16 @@ class AlignModel(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(cfg.siglip_bias))
         self.mlm_head = None
         if cfg.mlm_head:
-            out = cfg.encoder.vocab_size if cfg.encoder.vocab_size else cfg.encoder.n_cont
+            if cfg.encoder.vocab_size and cfg.encoder.patch_size:
+                raise ValueError("masked modeling of event ids within patches is not supported")
+            out = cfg.encoder.vocab_size if cfg.encoder.vocab_size else cfg.encoder.n_cont * max(1, cfg.encoder.patch_size)
             self.mlm_head = nn.Linear(cfg.encoder.width, out)
 
     def encode_modality(self, batch: dict, masked: torch.Tensor | None = None) -> ModalityOutput:
         """-> normalised embedding (B, D), token features (B, T, W), the head's auxiliary loss terms."""
         pooled, tokens = self.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"],
                                       batch["globals"], masked)
-        out = self.head(pooled, tokens, batch["mask"], batch["globals"])
+        out = self.head(pooled, tokens, self.encoder.token_mask(batch["mask"]), batch["globals"])
         return ModalityOutput(F.normalize(out["embedding"].float(), dim=-1), tokens, out.get("aux", {}))
 
     def forward(self, batch: dict) -> AlignOutput:
@@ -125,10 +127,13 @@ class AlignModel(nn.Module):
         queue = self.encode_text(batch["queue_text"]) if "queue_text" in batch else None
         mlm_pred = mlm_target = hidden = None
         if self.mlm_head is not None and self.training:  # a second encoder pass over masked tokens
-            hidden = random_token_mask(batch["mask"], self.cfg.mlm_ratio, batch.get("token_noise"))  # (B, T)
-            tokens = self.encode_modality(batch, masked=hidden).tokens  # (B, T, W)
+            mask = self.encoder.token_mask(batch["mask"])  # (B, T') the encoder's tokens: steps or patches
+            noise = batch.get("token_noise")
+            hidden = random_token_mask(mask, self.cfg.mlm_ratio, None if noise is None else noise[:, :mask.shape[1]])
+            tokens = self.encode_modality(batch, masked=hidden).tokens  # (B, T', W)
             mlm_pred = self.mlm_head(tokens)
-            mlm_target = batch["tokens_id"] if self.cfg.encoder.vocab_size else batch["tokens_cont"]
+            mlm_target = batch["tokens_id"] if self.cfg.encoder.vocab_size else \
+                self.encoder.token_targets(batch["tokens_cont"], batch["mask"])
         # the bias goes out as a clone: a leaf parameter returned as it is gets marked ready twice by
         # DDP's unused-parameter search (once as unused at the end of forward, once by its gradient)
         return AlignOutput(mod.embedding, self.encode_text(batch["text"]), self.scale(), self.logit_bias.clone(),

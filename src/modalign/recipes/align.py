@@ -17,7 +17,7 @@ from modalign.data.paired import PairedData
 from modalign.errors import UserError
 from modalign.eval.evaluation import Evaluation
 from modalign.recipes.config import to_container
-from modalign.recipes.settings import TextSettings, read_env, read_settings
+from modalign.recipes.settings import TextSettings, patching_record, read_env, read_settings
 from modalign.runs.writer import RunWriter
 
 log = logging.getLogger("modalign")
@@ -125,8 +125,10 @@ def init_encoder(encoder, cfg, source: str) -> dict:
     if theirs is None:
         raise UserError(f"{p}: the checkpoint describes no encoder (model_config.encoder)")
     ours = dataclasses.asdict(cfg)
-    differ = [k for k in ("kind", "width", "depth", "heads", "kernel_size", "vocab_size", "n_cont", "n_globals")
-              if ours.get(k) != theirs.get(k)]
+    defaults = dataclasses.asdict(type(cfg)())  # keys newer than the checkpoint: their defaults
+    differ = [k for k in ("kind", "width", "depth", "heads", "kernel_size", "vocab_size", "n_cont", "n_globals",
+                          "patch_size", "patch_stride", "revin")
+              if ours.get(k) != theirs.get(k, defaults[k])]
     if differ:
         k = differ[0]
         raise UserError(f"{p}: its encoder has {k}={theirs.get(k)!r} but this run's has {k}={ours.get(k)!r} "
@@ -308,6 +310,7 @@ class AlignRecipe:
             eval={"protocol": self.protocol, "protocols": self.protocols, "version": PROTOCOL_VERSION,
                   "split": self.eval_cfg.split, "metrics": self.metric_names},
             params={"total": sum(params.values()), "trainable": trainable, "by_component": params},
+            patching=patching_record(self.model_cfg.encoder, self.data.seq_len, self.settings.encoder.patch_size == "auto"),
         )
 
     # evaluate ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ reconstructs the tokens, and a head that reconstructs the sample's global featur
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class AutoencodeRecipe:
         encoder, init_from, _ = read_encoder(cfg)
         if init_from is not None:
             raise UserError("config: 'encoder.init_from' is for stage 2 (align); stage 1 trains its encoder from scratch")
+        if encoder.patch_size not in (0, "auto"):
+            raise UserError(f"config: 'encoder.patch_size'={encoder.patch_size}: stage 1 (autoencode) reconstructs "
+                            "every step from one token per step; patches are for stage 2 (align) for now")
+        encoder = dataclasses.replace(encoder, patch_size=0)  # auto: one token per step here
         b = to_container(cfg.bottleneck, "bottleneck")
         vq = typed(VQConfig, b.pop("vq", {}), "bottleneck.vq")
         bottleneck = typed(BottleneckConfig, b, "bottleneck", vq=vq)
@@ -90,7 +95,6 @@ class AutoencodeRecipe:
         no_text = torch.zeros(1, 1)
         self.tensors = {s: PairedTensors(d, np.zeros((len(d), 1), np.int64), no_text, torch.zeros(1, dtype=torch.long))
                         for s, d in self.splits.items()}
-        import dataclasses
 
         encoder = dataclasses.replace(encoder, vocab_size=self.data.vocab_size, n_cont=self.data.n_cont,
                                       n_globals=self.data.n_globals, max_len=max(512, self.data.seq_len))

@@ -87,12 +87,45 @@ class AlignSettings:
     def model_config(self, data: PairedData, text_dim: int):
         from modalign.models.align import AlignModelConfig
 
-        encoder = dataclasses.replace(self.encoder, vocab_size=data.vocab_size, n_cont=data.n_cont,
-                                      n_globals=data.n_globals, max_len=max(512, data.seq_len))
+        encoder = encoder_for_data(self.encoder, data)
+        if encoder.patch_size and encoder.vocab_size and self.loss.mlm_weight > 0:
+            raise UserError(f"config: 'loss.mlm_weight'={self.loss.mlm_weight} (masked modeling) with "
+                            f"'encoder.patch_size'={encoder.patch_size}: masked modeling of event ids within patches "
+                            f"is not supported ({data.source} has categorical tokens); set one of them to 0")
         return AlignModelConfig(encoder=encoder, head=self.head, text_dim=text_dim,
                                 text_projection=self.text_projection, init_temperature=self.init_temperature,
                                 max_logit_scale=self.max_logit_scale, mlm_head=self.loss.mlm_weight > 0,
                                 mlm_ratio=self.loss.mlm_ratio)
+
+
+def encoder_for_data(encoder: "EncoderConfig", data: PairedData) -> "EncoderConfig":
+    """The encoder settings with the data's sizes filled in and `patch_size=auto` resolved
+    (modalign.models.patching.auto_patch_size; the choice is logged)."""
+    import logging
+
+    from modalign.models.patching import auto_patch_size, patch_count
+
+    size = encoder.patch_size
+    if size == "auto":
+        size = auto_patch_size(data.seq_len, data.vocab_size > 0)
+        logging.getLogger("modalign").info(
+            "encoder.patch_size=auto -> %d (%d steps per series -> %d tokens)", size, data.seq_len,
+            patch_count(data.seq_len, size, size) if size else data.seq_len)
+    if size and data.n_cont == 0 and data.vocab_size == 0:
+        raise UserError(f"config: 'encoder.patch_size'={size}: {data.source} has no per-step tokens to patch")
+    return dataclasses.replace(encoder, vocab_size=data.vocab_size, n_cont=data.n_cont, n_globals=data.n_globals,
+                               max_len=max(512, data.seq_len), patch_size=size,
+                               patch_stride=(encoder.patch_stride or size) if size else 0)
+
+
+def patching_record(encoder: "EncoderConfig", seq_len: int, auto: bool) -> dict:
+    """run.json's `patching`: how the encoder cut the series into tokens."""
+    from modalign.models.patching import patch_count
+
+    size = encoder.patch_size
+    tokens = patch_count(seq_len, size, encoder.patch_stride) if size else seq_len
+    return {"patch_size": size, "patch_stride": encoder.patch_stride, "revin": encoder.revin if size else False,
+            "steps": seq_len, "tokens": tokens, "chosen_by": "auto" if auto else "config"}
 
 
 def read_training(cfg, components: tuple[str, ...]) -> tuple[int, "TrainerConfig", "OptimConfig"]:
