@@ -19,6 +19,8 @@ Scripts (about 20 min in all on an idle 2-core machine; longer when other jobs l
   cli        bench_cli.py        `modalign --help` / `modalign runs` start-up vs `python -c pass`
   stats      bench_stats.py      paired bootstrap vs scipy (about 4.5 min; only with --only stats or --with-stats)
   fuse       bench_fuse.py       stage-3 step vs a bare transformers loop, LM load cold/cached, decoding (about 7 min)
+  sinks      bench_sinks.py      a run with TensorBoard + MLflow + W&B offline vs no sink (about 14 min; only with --only)
+  patches    bench_patches.py    encoder.patch_size: step time and zero-shot accuracy vs unpatched and CNN (about 45 min; only with --only)
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ SCRIPTS = {
     "cli": ("bench_cli.py", "CLI start-up"),
     "stats": ("bench_stats.py", "Statistics: paired bootstrap"),
     "fuse": ("bench_fuse.py", "Stage 3: fuse step, LM load, decoding"),
+    "sinks": ("bench_sinks.py", "Tracking sinks: cost per step"),
+    "patches": ("bench_patches.py", "Patches: long series as tokens"),
 }
 DEFAULT = ("step", "flops", "retrieval", "sweep", "cli", "fuse")
 

@@ -63,25 +63,54 @@ def run_cli(args: list[str], cwd: Path, cache: Path, timeout: int = 300, env_ext
                           capture_output=True, text=True, timeout=timeout)
 
 
+def shared(tmp_path_factory, name: str, build):
+    """A session resource that tests only read, built once per test session: under xdist the first
+    worker to ask builds it (in a folder beside the workers' own) while the others wait on a file
+    lock, then every worker gets what `build(folder)` returned (JSON-able)."""
+    if _WORKERS <= 1:
+        return build(tmp_path_factory.mktemp(name))
+    import fcntl
+    import json
+    import tempfile
+
+    root = tmp_path_factory.getbasetemp().parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / f"{name}.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        result = build(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))
+        done.write_text(json.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache_dir) -> Path:
-    """One completed tiny align run (with embeddings exported), shared by the read-only tests."""
-    cwd = tmp_path_factory.mktemp("tiny")
-    p = run_cli(["train", "--quiet", *TINY, "eval.export_embeddings=true"], cwd, cache_dir)
-    assert p.returncode == 0, p.stderr
-    runs = list((cwd / "outputs" / "runs").iterdir())
-    assert len(runs) == 1
-    return runs[0]
+    """One completed tiny align run (with embeddings exported), shared by the read-only tests
+    (`modalign eval` adds its eval_*.json and scores_*.parquet, written atomically)."""
+
+    def build(cwd: Path) -> str:
+        p = run_cli(["train", "--quiet", *TINY, "eval.export_embeddings=true"], cwd, cache_dir)
+        assert p.returncode == 0, p.stderr
+        runs = list((cwd / "outputs" / "runs").iterdir())
+        assert len(runs) == 1
+        return str(runs[0])
+
+    return Path(shared(tmp_path_factory, "tiny", build))
 
 
 @pytest.fixture(scope="session")
 def demo_sweep(tmp_path_factory, cache_dir) -> tuple[Path, str]:
     """The demo experiment (2 heads x 2 seeds, with criteria) at smoke size, through the CLI:
     (sweep dir, what the CLI printed). Shared by the report and browser tests, which only read it."""
-    cwd = tmp_path_factory.mktemp("demo-sweep")
-    p = run_cli(["sweep", "experiment=demo", *SMALL], cwd, cache_dir, timeout=600)
-    assert p.returncode == 0, p.stderr
-    return next((cwd / "outputs" / "experiments").iterdir()), p.stdout
+
+    def build(cwd: Path) -> list:
+        p = run_cli(["sweep", "experiment=demo", *SMALL], cwd, cache_dir, timeout=600)
+        assert p.returncode == 0, p.stderr
+        return [str(next((cwd / "outputs" / "experiments").iterdir())), p.stdout]
+
+    sweep, stdout = shared(tmp_path_factory, "demo-sweep", build)
+    return Path(sweep), stdout
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,8 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
     if rel.parts[0] == "data" and rel.stem == "npz":
         overrides.append("data.path=x.npz")
+    if rel.parts[0] == "text" and rel.stem == "precomputed":
+        overrides.append("text.path=x.npz")
     resolved = to_container(compose(overrides, root), "")
     if len(rel.parts) > 1:
         group = rel.parts[0]
@@ -113,9 +115,17 @@ def _instantiate(rel: Path, cfg, tmp_path) -> None:
         assert resolve_device(read_env(cfg).device).type in ("cpu", "cuda", "mps")
         return
     if group == "text":
+        t = read_settings(cfg).text
+        if t.kind == "precomputed":  # a file of the user's vectors: read and looked up as a run does
+            import numpy as np
+
+            from modalign.data.text_embeddings import lookup
+
+            np.savez(tmp_path / "emb.npz", texts=np.array(["a caption"]), embeddings=np.ones((1, 8), np.float32))
+            assert lookup(tmp_path / "emb.npz", ["a caption"])[0].shape == (1, 8)
+            return
         from modalign.models.text_encoder import TextEmbedder
 
-        t = read_settings(cfg).text
         TextEmbedder(t.model, precision=t.precision, batch_size=t.batch_size)  # resolves the installed model
         return
     if cfg.get("recipe") == "fuse":

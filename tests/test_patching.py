@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import TINY, run_cli
 from modalign.models.encoders import EncoderConfig, build_encoder
 from modalign.models.patching import Patching, auto_patch_size, patch_count
 
@@ -113,13 +113,16 @@ def _only_run(cwd):
 
 def test_auto_patches_a_long_series_set_through_the_cli_and_records_the_choice(tmp_path, cache_dir):
     """BasicMotions (100 steps, 6 channels) under auto gets patches of 4: 25 tokens instead of 100,
-    recorded in run.json; eval rebuilds the same patched encoder from the checkpoint."""
+    recorded in run.json; eval rebuilds the same patched encoder from the checkpoint. (Also the
+    sktime reader's end-to-end run.)"""
+    pytest.importorskip("sktime", reason="the optional extra is not installed: pip install 'modalign[sktime]'")
     p = run_cli(["train", "--quiet", "data=sktime", "data.dataset=BasicMotions", "encoder.patch_size=auto",
                  "encoder.revin=true", "trainer.max_steps=4", "trainer.batch_size=16", "trainer.eval_every=4"],
                 tmp_path, cache_dir)
     assert p.returncode == 0, p.stderr
     run = _only_run(tmp_path)
     info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["data"]["source"] == "sktime:BasicMotions"
     assert info["patching"] == {"patch_size": 4, "patch_stride": 4, "revin": True, "steps": 100, "tokens": 25,
                                 "chosen_by": "auto"}
     assert "encoder.patch_size=auto -> 4 (100 steps per series -> 25 tokens)" in (run / "run.log").read_text()
@@ -138,7 +141,7 @@ def test_auto_patches_a_long_series_set_through_the_cli_and_records_the_choice(t
     (["encoder.patch_size=8", "encoder.patch_stride=9"], "encoder.patch_stride"),
 ], ids=["mlm-with-event-patches", "fraction", "stride-over-size"])
 def test_bad_patch_settings_are_one_line_and_exit_2(tmp_path, cache_dir, extra, needle):
-    p = run_cli(["train", "--quiet", "trainer.max_steps=2", *extra], tmp_path, cache_dir)
+    p = run_cli(["train", "--quiet", *TINY, "trainer.max_steps=2", *extra], tmp_path, cache_dir)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr
     assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())

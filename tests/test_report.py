@@ -90,10 +90,10 @@ def test_paired_comparison_of_three_groups_matches_the_scores(demo_sweep):
     assert rows[0]["p_holm"] == pytest.approx(min(1.0, 2 * rows[0]["p_value"]))
 
 
-def test_report_and_compare_import_no_torch(demo_sweep):
-    sweep, _ = demo_sweep
+def test_report_and_compare_import_no_torch(demo_sweep, tmp_path):
+    sweep, _ = demo_sweep  # shared by every test (and xdist worker) that reads it: report elsewhere
     code = ("import sys; from modalign.cli import main; "
-            f"rc = main(['report', {str(sweep)!r}, '--quiet', '--resamples', '500']); "
+            f"rc = main(['report', {str(sweep)!r}, '--quiet', '--resamples', '500', '--out', {str(tmp_path / 'rep')!r}]); "
             f"rc2 = main(['compare', {str(sweep)!r} + ':head=linear', {str(sweep)!r} + ':head=mlp', '--resamples', '500']); "
             "assert rc == rc2 == 0; assert 'torch' not in sys.modules, 'torch imported'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,10 @@
-"""The sktime reader: bundled data sets load offline into valid paired data, and train end to end.
+"""The sktime reader: bundled data sets load offline into valid paired data (they train end to end
+in tests/test_patching.py).
 
 Run: .venv/bin/python -m pytest -q tests/test_sktime_reader.py
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -80,13 +76,6 @@ def test_unknown_data_set_is_a_one_line_user_error():
     assert all(d in msg for d in bundled_datasets())
 
 
-def test_train_runs_end_to_end(tmp_path, cache_dir):
-    cmd = [sys.executable, "-m", "modalign", "train", "--quiet", "data=sktime", "data.dataset=BasicMotions",
-           "encoder=cnn", "trainer.max_steps=5", "trainer.batch_size=16", "trainer.eval_every=5"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, MODALIGN_CACHE=str(cache_dir), PYTHONWARNINGS="ignore"),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "completed"
-    assert info["data"]["source"] == "sktime:BasicMotions"
+
+# `modalign train data=sktime` end to end (and `modalign eval` of that run): in tests/test_patching.py,
+# where the transformer's default patches the 100-step series.

@@ -32,7 +32,10 @@ def _summary(run: Path) -> dict:
 # compare_latent_spaces is a slice of compare_globals_heads). Every experiment is planned below.
 # compare_heads runs in `make test-slow`: its path (an align sweep) is the demo sweep's, and the
 # register head it adds trains end to end in tests/test_variants.py
+# compare_globals_heads runs the corners of its grid (2 latent spaces x globals_beta 0 and 10: 4 of
+# its 9 jobs, the grid narrowed from the command line as a user would).
 RUN_END_TO_END = ["compare_globals_heads", pytest.param("compare_heads", marks=pytest.mark.slow)]
+NARROWED = {"compare_globals_heads": ["bottleneck=none,vq", "globals_beta=0,10"]}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -46,7 +49,7 @@ def test_every_experiment_plans(name):
 @pytest.mark.parametrize("name", RUN_END_TO_END)
 def test_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatch, cache_dir):
     monkeypatch.chdir(tmp_path)
-    code = main(["sweep", "--quiet", f"experiment={name}", *SMALL])
+    code = main(["sweep", "--quiet", f"experiment={name}", *SMALL, *NARROWED.get(name, [])])
     sweep = _sweep_dir(tmp_path)
     info = yaml.safe_load((sweep / "sweep.yaml").read_text())
     assert code == 0 and info["status"] == "completed", info["jobs"]
@@ -71,8 +74,9 @@ def test_experiment_runs_with_the_smoke_trainer(name, tmp_path, monkeypatch, cac
         for job in info["jobs"]:
             o = dict(x.split("=", 1) for x in job["overrides"])
             by[(o["bottleneck"], float(o["globals_beta"]))] = _summary(sweep / job["dir"])["test"]["rec_globals"]
-        for latent in ("none", "linear", "vq"):
-            assert by[(latent, 0.0)] > by[(latent, 1.0)] > by[(latent, 10.0)] * 0.9, by
+        assert set(by) == {(latent, beta) for latent in ("none", "vq") for beta in (0.0, 10.0)}, by
+        for latent in ("none", "vq"):
+            assert by[(latent, 0.0)] > by[(latent, 10.0)], by
         for job in info["jobs"]:  # at globals_beta=0 the head is reported but not optimized
             if "globals_beta=0" in job["overrides"]:
                 rows = [json.loads(l) for l in (sweep / job["dir"] / "metrics.jsonl").read_text().splitlines()]

@@ -2,8 +2,9 @@
 
 Two runs are comparable when their fingerprints match: the same recipe, the same data in every
 split (each split's sample ids and content, as `PairedData.fingerprint` hashes them), the same
-evaluation protocol (relevance protocol and protocol version) and the same parent
-checkpoints (e.g. the stage-1 encoder a stage-2 run started from, by sha256). Everything else
+evaluation protocol (relevance protocol and protocol version), the same frozen text side (the text
+model's id, or the sha256 of the user's precomputed vectors) and the same parent checkpoints
+(e.g. the stage-1 encoder a stage-2 run started from, by sha256). Everything else
 - the head, the loss, the learning rate, the seed - is what an experiment varies, and shows in the
 config diff.
 """
@@ -34,6 +35,9 @@ def fingerprint(info: dict) -> dict[str, str]:
     # own (VQ perplexity, retrieval per register kept), while every metric both runs have is
     # defined by the same versioned protocol. A comparison on a metric one side lacks fails there.
     out["eval protocol"] = f"{ev.get('protocol')} v{ev.get('version')}"
+    text = info.get("text") or {}
+    if text:  # the frozen text side every caption and prompt is embedded with
+        out["text side"] = str(text.get("sha256") or text.get("model"))
     for i, p in enumerate(info.get("parents") or []):
         out[f"parent {p.get('role') or i}"] = str(p.get("sha256"))
     return out

@@ -80,8 +80,6 @@ class TextTable:
     """Every distinct caption and prompt, embedded once; groups = identical text."""
 
     def __init__(self, data: PairedData, settings: TextSettings, progress: bool):
-        from modalign.models.text_encoder import TextEmbedder
-
         texts = {}
         for caps in data.captions:
             for c in caps:
@@ -90,6 +88,16 @@ class TextTable:
         for p in prompts:
             texts.setdefault(p, len(texts))
         self.index = texts
+        self.identity: dict = {}  # what run.json's `text` records besides the model id and cache stats
+        if settings.kind == "precomputed":  # the user's own vectors (modalign.data.text_embeddings)
+            from modalign.data.text_embeddings import lookup
+
+            self.embeddings, self.identity = lookup(settings.path, list(texts))
+            self.model_id = self.identity.pop("model")
+            self.stats = {"precomputed": len(texts)}
+            return
+        from modalign.models.text_encoder import TextEmbedder
+
         embedder = TextEmbedder(settings.model, precision=settings.precision, cache_dir=settings.cache_dir,
                                 batch_size=settings.batch_size, progress=progress)
         self.model_id = embedder.model_id
@@ -305,7 +313,7 @@ class AlignRecipe:
             env=env_info(torch.get_num_threads(), self.device, self.malloc, self.world),
             data={"name": self.cfg.data.name, "source": self.data.source,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
-            text={"model": self.text.model_id, "cache": self.text.stats},
+            text={"model": self.text.model_id, "cache": self.text.stats, **self.text.identity},
             parents=self.parents,
             eval={"protocol": self.protocol, "protocols": self.protocols, "version": PROTOCOL_VERSION,
                   "split": self.eval_cfg.split, "metrics": self.metric_names},

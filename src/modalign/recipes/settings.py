@@ -38,14 +38,19 @@ class EvalSettings(Options):
 
 @dataclass
 class TextSettings(Options):
+    kind: str = "sentence_transformers"  # sentence_transformers (a local or packaged model) | precomputed (text.path)
     model: str = "all-MiniLM-L6-v2"
     precision: str = "auto"
     batch_size: int = 128
     cache_dir: str | None = None
+    path: str | None = None  # kind=precomputed: the .npz of texts and embeddings (modalign.data.text_embeddings)
 
     def validate(self) -> None:
+        one_of(self, "kind", ("sentence_transformers", "precomputed"))
         one_of(self, "precision", ("auto", "fp32", "bf16"))
         at_least(self, "batch_size", 1)
+        require(self.kind != "precomputed" or bool(self.path), "path", self.path,
+                "text=precomputed needs the file of vectors: text.path=EMB.npz")
 
 
 DEVICE_FORM = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
