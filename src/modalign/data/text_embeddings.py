@@ -15,21 +15,12 @@ sides differ. No torch here.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from modalign.errors import UserError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -80,7 +71,9 @@ def read_precomputed(path: str | Path) -> tuple[dict[str, int], np.ndarray, str]
         if t in index:
             raise UserError(f"{where}: the text {_short(t)} appears twice (rows {index[t]} and {i})")
         index[t] = i
-    return index, emb, _sha256(p)
+    from modalign.runs.provenance import sha256_file
+
+    return index, emb, sha256_file(p)
 
 
 def lookup(path: str | Path, wanted: list[str]) -> tuple[np.ndarray, dict]:
