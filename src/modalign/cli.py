@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address to bind (default 127.0.0.1, this machine only; another address shows your runs "
                          "to your network)")
 
+    cv = sub.add_parser("convert", help="convert paired data between formats: modalign convert IN OUT",
+                        epilog="formats by name: DATA.npz, DATA.h5 (HDF5), DATA.parquet, or DIR (one .npy per array); "
+                               "the captions (DATA.jsonl) and class prompts follow (docs/data.md)")
+    cv.add_argument("input", help="the data to read (any format)")
+    cv.add_argument("output", help="the data to write; its format from its name")
+    cv.add_argument("--captions", metavar="PATH", help="the input's captions file, if not beside it")
+    cv.add_argument("--compress", action="store_true",
+                    help="compress the output (NPZ deflate, HDF5 gzip, Parquet zstd; .npy never): smaller, "
+                         "slower to read")
+    cv.add_argument("--quiet", action="store_true", help="no progress bar")
+
     y = sub.add_parser("sync", help="push run directories into a tracking sink: modalign sync RUN|SWEEP|ROOT --to mlflow",
                        epilog="options per sink: tensorboard.dir=tb, mlflow.uri=sqlite:///PATH mlflow.experiment=NAME, "
                               "wandb.mode=offline|online wandb.project=NAME wandb.entity=NAME (docs/tracking.md)")
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
                 "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs,
-                "sync": cmd_sync, "serve": cmd_serve}[args.command](args)
+                "sync": cmd_sync, "serve": cmd_serve, "convert": cmd_convert}[args.command](args)
     except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
         print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
@@ -437,6 +448,39 @@ def cmd_variants(args) -> int:
         table.add_row(var.kind, var.name, var.created_by, var.model, var.date, var.experiment_id, var.version,
                       var.approach, var.status, str(len(mine)), "" if best is None else f"{best:.3f}")
     _console().print(table)
+    return 0
+
+
+# convert ----------------------------------------------------------------------------------------
+def cmd_convert(args) -> int:
+    """Read any data format lazily and stream it into another (modalign.data.formats.convert)."""
+    from modalign.data.formats import convert
+    from modalign.data.npz import array_items
+
+    bars = []
+
+    def progress(data):  # the bar starts once the input is read and valid
+        if args.quiet:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("convert"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                       console=Console(stderr=True), transient=True)
+        bars.append(bar)
+        bar.start()
+        task = bar.add_task("arrays", total=sum(a.nbytes for a in array_items(data).values()))
+        return lambda n: bar.advance(task, n)
+
+    try:
+        data, fmt = convert(args.input, args.output, captions=args.captions, compress=args.compress, progress=progress)
+    finally:
+        for bar in bars:
+            bar.stop()
+    out = Path(args.output)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({fmt}, {size / 1e6:.1f} MB): {len(data)} samples; captions {out.with_suffix('.jsonl')}"
+          + (f"; class prompts {out.with_suffix('.prompts.json')}" if data.class_prompts else ""))
     return 0
 
 

@@ -1,16 +1,24 @@
-"""Batches for training and evaluation, held in memory as tensors.
+"""Batches for training and evaluation: from tensors in memory, or gathered from disk by rows.
 
 The order of training batches is a pure function of (seed, step): epoch e's permutation and its
 caption choices come from a generator seeded with (seed, e). A resumed run therefore sees exactly
-the batches the uninterrupted run would have seen, with no sampler state to save.
+the batches the uninterrupted run would have seen, with no sampler state to save. Because the
+order is known ahead, data that stays on disk (DiskArray) is read a few steps ahead by one
+background thread (`Prefetcher`), bounded to that many batches.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 import torch
 
+from modalign.data.arrays import gather, is_lazy
 from modalign.data.paired import PairedData
+
+PREFETCH = 4  # batches read ahead when the data stays on disk (data.prefetch)
 
 
 class PairedTensors:
@@ -25,14 +33,14 @@ class PairedTensors:
         n, t = len(data), data.seq_len
         self.n, self.seq_len = n, t
         self.ids = data.ids
-        self.tokens_id = torch.as_tensor(data.tokens_id if data.tokens_id is not None
-                                         else np.zeros((n, t), np.int64))
-        self.tokens_cont = (torch.as_tensor(data.tokens_cont) if data.tokens_cont is not None
-                            else torch.zeros(n, t, 0))
-        self.globals = torch.as_tensor(data.globals) if data.globals is not None else torch.zeros(n, 0)
-        lengths = torch.as_tensor(data.lengths)
-        self.lengths = lengths
-        self.mask = torch.arange(t)[None, :] < lengths[:, None]  # (N, T)
+        self.lazy = data.lazy  # some arrays stay on disk: batches gather their rows
+        self.prefetch = int(data.meta.get("prefetch", PREFETCH)) if self.lazy else 0
+
+        def held(a):  # None (absent: zeros per batch), a DiskArray, or a tensor
+            return None if a is None else a if is_lazy(a) else torch.as_tensor(a)
+
+        self.tokens_id, self.tokens_cont, self.globals = held(data.tokens_id), held(data.tokens_cont), held(data.globals)
+        self.lengths = torch.as_tensor(data.lengths)
         self.labels = torch.as_tensor(data.labels) if data.labels is not None else None
         self.caption_rows = torch.as_tensor(caption_rows)  # (N, K)
         self.n_captions = (self.caption_rows >= 0).sum(1)  # (N,)
@@ -45,16 +53,27 @@ class PairedTensors:
         rows = self.caption_rows[idx, k]
         # cut the columns that are padding in every sample of the batch: the demo's windows use 24 of
         # 64 positions on average, and a batch's longest about 55, so this saves ~15% of each step
-        t = int(self.lengths[idx].max())
+        lengths = self.lengths[idx]
+        t = int(lengths.max())
+        b = len(idx)
         return {
             "index": idx,
-            "tokens_id": self.tokens_id[idx, :t],
-            "tokens_cont": self.tokens_cont[idx, :t],
-            "globals": self.globals[idx],
-            "mask": self.mask[idx, :t],
+            "tokens_id": self._rows(self.tokens_id, idx, t) if self.tokens_id is not None
+            else torch.zeros(b, t, dtype=torch.int64),
+            "tokens_cont": self._rows(self.tokens_cont, idx, t) if self.tokens_cont is not None
+            else torch.zeros(b, t, 0),
+            "globals": self._rows(self.globals, idx) if self.globals is not None else torch.zeros(b, 0),
+            "mask": torch.arange(t)[None, :] < lengths[:, None],  # (B, t)
             "text": self.text_table[rows],
             "groups": self.caption_groups[rows],
         }
+
+    @staticmethod
+    def _rows(a, idx: torch.Tensor, t: int | None = None) -> torch.Tensor:
+        if is_lazy(a):
+            rows = torch.from_numpy(gather(a, idx.numpy()))
+            return rows[:, :t].contiguous() if t is not None else rows
+        return a[idx, :t] if t is not None else a[idx]
 
     def eval_batches(self, batch_size: int):
         for start in range(0, self.n, batch_size):
@@ -74,12 +93,24 @@ class EpochSampler:
         self.accumulate = accumulate  # micro-batches per optimizer step
         self.steps_per_epoch = data.n // self.batch_size  # micro-batches; the ragged last one is dropped
         self._epoch, self._perm, self._k = -1, None, None
+        # data on disk: the next batches are read by a background thread while this one trains
+        self._ahead = Prefetcher(self._batch, data.prefetch) if data.prefetch > 0 else None
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
 
     def epoch_of(self, step: int) -> int:
         """The epoch of optimizer step `step`."""
         return step * self.accumulate // self.steps_per_epoch
 
     def batch(self, micro_step: int) -> dict:
+        """The batch of micro-step `micro_step` (the same whether or not it was read ahead)."""
+        if self._ahead is not None:
+            return self._ahead.get(micro_step)
+        return self._batch(micro_step)
+
+    def _batch(self, micro_step: int) -> dict:
         epoch, pos = divmod(micro_step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -99,3 +130,36 @@ class EpochSampler:
         if noise is not None:
             batch["token_noise"] = noise[:, : batch["mask"].shape[1]]
         return batch
+
+
+class Prefetcher:
+    """fn(step) for the next `depth` steps, computed in order by one background thread.
+
+    get(step) returns fn(step) and queues step+1 .. step+depth; a step that was not queued (the
+    first, or a jump) drops the queue. fn only ever runs in the worker thread, so the state it keeps
+    (the sampler's epoch permutation) is never shared; at most depth + 1 results are held."""
+
+    def __init__(self, fn: Callable[[int], dict], depth: int):
+        self.fn, self.depth = fn, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="modalign-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def get(self, step: int) -> dict:
+        fut = self.pending.pop(step, None)
+        if fut is None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pending.clear()
+            fut = self.pool.submit(self.fn, step)
+        for s in [s for s in self.pending if s < step]:
+            self.pending.pop(s).cancel()
+        for s in range(step + 1, step + 1 + self.depth):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(self.fn, s)
+        return fut.result()
+
+    def close(self) -> None:
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from modalign.data.arrays import chunks, is_lazy
 from modalign.data.paired import SPLITS, PairedData
 from modalign.errors import UserError
 
@@ -47,9 +48,13 @@ def read_npz(path: str, captions: str | None = None, name: str | None = None) ->
     validated; any problem raises UserError.
     """
     npz_path = Path(path)
-    src = str(npz_path)
-    arrays = _load_arrays(npz_path)
+    return from_arrays(str(npz_path), _load_arrays(npz_path), npz_path, captions, name)
 
+
+def from_arrays(src: str, arrays: dict, path: Path, captions: str | None, name: str | None) -> PairedData:
+    """Validate the arrays of any format (numpy, or DiskArrays that stay on disk) and read the
+    captions (PATH.jsonl / PATH.json beside `path`, or `captions`) and class prompts
+    (PATH.prompts.json) into a validated PairedData."""
     if "ids" not in arrays:
         present = ", ".join(sorted(arrays)) or "none"
         raise UserError(f"{src}: required array 'ids' is missing (arrays present: {present})")
@@ -86,13 +91,13 @@ def read_npz(path: str, captions: str | None = None, name: str | None = None) ->
                 raise UserError(f"{src}: no 'split' array, and the sha256 split of the {n} ids leaves '{s}' "
                                 f"empty; add a 'split' array with train/val/test per sample")
 
-    cap_path = _captions_path(npz_path, captions)
+    cap_path = _captions_path(path, captions)
     caps, facts = _read_captions(cap_path, ids)
-    prompts_path = npz_path.with_suffix(".prompts.json")
+    prompts_path = path.with_suffix(".prompts.json")
     class_prompts = _read_prompts(prompts_path, label_names, src) if prompts_path.exists() else None
 
     data = PairedData(
-        name=name or npz_path.stem, source=src, ids=ids, split=split, lengths=lengths, captions=caps,
+        name=name or path.stem, source=src, ids=ids, split=split, lengths=lengths, captions=caps,
         tokens_id=tokens_id, tokens_cont=tokens_cont, globals=globals_, labels=labels,
         label_names=label_names, class_prompts=class_prompts, facts=facts, vocab=vocab,
         meta={"captions": str(cap_path), "prompts": str(prompts_path) if class_prompts else None,
@@ -105,25 +110,53 @@ def write_npz(data: PairedData, path: str, captions: str | None = None) -> None:
     """Write `data` so that read_npz(path, captions) gives it back.
 
     Captions go to `captions` (.jsonl, or .json for the {id: ...} form), by default DATA.jsonl
-    beside the npz; class prompts, if any, to DATA.prompts.json beside the npz.
+    beside the npz; class prompts, if any, to DATA.prompts.json beside the npz. Arrays that stay
+    on disk (DiskArray) are streamed into the archive in bounded chunks.
     """
     npz_path = Path(path)
     npz_path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"ids": np.asarray(data.ids, dtype=str),
-                                     "split": np.asarray(data.split, dtype=str),
-                                     "lengths": np.asarray(data.lengths, dtype=np.int64)}
+    write_npz_arrays(data, npz_path)
+    write_sidecars(data, npz_path, captions)
+
+
+def write_npz_arrays(data: PairedData, npz_path: Path, compress: bool = True, advance=None) -> None:
+    """The arrays alone, as np.savez_compressed would (np.savez with compress=False)."""
+    mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(npz_path, "w", compression=mode, allowZip64=True) as zf:
+        for key, arr in array_items(data).items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                write_npy(f, arr, advance)
+
+
+def array_items(data: PairedData) -> dict:
+    """name -> array (numpy in the canonical dtype, or a DiskArray) of everything a data file holds."""
+    out: dict = {"ids": np.asarray(data.ids, dtype=str), "split": np.asarray(data.split, dtype=str),
+                 "lengths": np.asarray(data.lengths, dtype=np.int64)}
     optional = {"tokens_id": (data.tokens_id, np.int64), "tokens_cont": (data.tokens_cont, np.float32),
                 "globals": (data.globals, np.float32), "labels": (data.labels, np.int64),
                 "label_names": (data.label_names, str), "vocab": (data.vocab, str)}
     for key, (arr, dtype) in optional.items():
         if arr is not None:
-            arrays[key] = np.asarray(arr, dtype=dtype)
-    with open(npz_path, "wb") as f:  # a file object, so numpy does not append ".npz" to the name
-        np.savez_compressed(f, **arrays)
+            out[key] = arr if is_lazy(arr) else np.asarray(arr, dtype=dtype)
+    return out
 
-    cap_path = Path(captions) if captions is not None else npz_path.with_suffix(".jsonl")
+
+def write_npy(f, arr, advance=None) -> None:
+    """One array in .npy format to a binary file object, a DiskArray chunk by chunk."""
+    header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": tuple(arr.shape)}
+    np.lib.format.write_array_header_2_0(f, header)
+    for _, chunk in chunks(arr, advance):
+        f.write(np.ascontiguousarray(chunk, dtype=arr.dtype).tobytes())
+
+
+def write_sidecars(data: PairedData, path: Path, captions: str | None = None, with_captions: bool = True) -> None:
+    """The captions (PATH.jsonl, or `captions`: .jsonl, or .json for the {id: ...} form) and the
+    class prompts (PATH.prompts.json) of data stored at `path`."""
+    cap_path = Path(captions) if captions is not None else path.with_suffix(".jsonl")
     ids = [str(i) for i in data.ids]
-    if cap_path.suffix == ".json":
+    if not with_captions:
+        pass
+    elif cap_path.suffix == ".json":
         if data.facts is None:
             obj: dict[str, Any] = dict(zip(ids, data.captions))
         else:
@@ -139,9 +172,9 @@ def write_npz(data: PairedData, path: str, captions: str | None = None) -> None:
 
     if data.class_prompts is not None:
         if data.label_names is None:
-            raise UserError(f"{npz_path}: class prompts need 'label_names' to be written")
+            raise UserError(f"{path}: class prompts need 'label_names' to be written")
         prompts = dict(zip(data.label_names, data.class_prompts))
-        npz_path.with_suffix(".prompts.json").write_text(
+        path.with_suffix(".prompts.json").write_text(
             json.dumps(prompts, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
@@ -218,27 +251,30 @@ def _strings(src: str, key: str, arr: np.ndarray, ints_ok: bool = False) -> np.n
     raise UserError(f"{src}: '{key}' has dtype {arr.dtype}, expected strings")
 
 
-def _integers(src: str, key: str, arr: np.ndarray | None, ndim: int, shape: str) -> np.ndarray | None:
+def _integers(src: str, key: str, arr, ndim: int, shape: str):
     if arr is None:
         return None
-    if arr.dtype.kind not in "iu":
-        raise UserError(f"{src}: '{key}' has dtype {arr.dtype}, expected integers (cast with .astype(np.int64))")
+    dtype = getattr(arr, "raw_dtype", arr.dtype)  # a DiskArray: the dtype in the file
+    if dtype.kind not in "iu":
+        raise UserError(f"{src}: '{key}' has dtype {dtype}, expected integers (cast with .astype(np.int64))")
     if arr.ndim != ndim:
         raise UserError(f"{src}: '{key}' has shape {tuple(arr.shape)}, expected {shape}")
-    return arr.astype(np.int64)
+    return arr if is_lazy(arr) else arr.astype(np.int64)
 
 
-def _floats(src: str, key: str, arr: np.ndarray | None, ndim: int, shape: str, hint: str) -> np.ndarray | None:
+def _floats(src: str, key: str, arr, ndim: int, shape: str, hint: str):
     if arr is None:
         return None
-    if arr.dtype.kind not in "fiub":
-        raise UserError(f"{src}: '{key}' has dtype {arr.dtype}, expected numbers")
+    dtype = getattr(arr, "raw_dtype", arr.dtype)
+    if dtype.kind not in "fiub":
+        raise UserError(f"{src}: '{key}' has dtype {dtype}, expected numbers")
     if arr.ndim != ndim:
         raise UserError(f"{src}: '{key}' has shape {tuple(arr.shape)}, expected {shape}{hint}")
-    return arr.astype(np.float32)
+    return arr if is_lazy(arr) else arr.astype(np.float32)
 
 
 def _captions_path(npz_path: Path, captions: str | None) -> Path:
+    """DATA.jsonl or DATA.json beside DATA (an .npz, .h5, .parquet file or an .npy directory)."""
     if captions is not None:
         p = Path(captions)
         if not p.exists():

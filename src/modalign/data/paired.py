@@ -8,7 +8,9 @@ One shape covers sensor event streams, wearable time series, audio frames and co
     lengths      [N]        int64, valid tokens per sample (1..T); positions >= length are padding
     globals      [N, G]     float32, per-sample global features (optional)
 
-At least one of tokens_id and tokens_cont is present.
+At least one of tokens_id and tokens_cont is present. tokens_id, tokens_cont and globals may be
+DiskArrays (modalign.data.arrays: HDF5, Parquet, .npy directories): they stay on disk, splits are
+views, and validation and fingerprints stream them in bounded chunks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from modalign.data import arrays
 from modalign.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -65,7 +68,12 @@ class PairedData:
             return 0
         if self.vocab is not None:
             return len(self.vocab)
-        return int(self.tokens_id.max()) + 1
+        return arrays.array_max(self.tokens_id) + 1
+
+    @property
+    def lazy(self) -> bool:
+        """True if some per-sample array stays on disk (read by rows when a batch needs it)."""
+        return any(arrays.is_lazy(a) for a in (self.tokens_id, self.tokens_cont, self.globals))
 
     def subset(self, split: str) -> "PairedData":
         """The samples of one split, in file order."""
@@ -74,7 +82,7 @@ class PairedData:
 
     def take(self, idx: np.ndarray) -> "PairedData":
         def pick(a):
-            return None if a is None else a[idx]
+            return arrays.take(a, idx)
 
         return PairedData(
             name=self.name, source=self.source, ids=self.ids[idx], split=self.split[idx],
@@ -88,12 +96,40 @@ class PairedData:
 
     def fingerprint(self) -> str:
         """sha256 over sample ids, arrays and captions: equal iff two runs saw the same samples."""
+        key = self._disk_key("fingerprint")
+        if key is not None:
+            cached = arrays.cache_get(key)
+            if cached is not None:
+                return cached
         h = hashlib.sha256()
         h.update("\n".join(self.ids.tolist()).encode())
         for a in (self.lengths, self.tokens_id, self.tokens_cont, self.globals, self.labels):
             if a is not None:
-                h.update(np.ascontiguousarray(a).tobytes())
+                for _, chunk in arrays.chunks(a):  # streamed from disk: the same bytes as in memory
+                    h.update(np.ascontiguousarray(chunk).tobytes())
         h.update(json.dumps(self.captions, ensure_ascii=False).encode())
+        digest = h.hexdigest()
+        if key is not None:
+            arrays.cache_put(key, digest)
+        return digest
+
+    def _disk_key(self, what: str) -> str | None:
+        """A cache key for a result over on-disk arrays: their files' identities (path, size, mtime),
+        the rows this data holds of them, and the in-memory parts; None if nothing is on disk."""
+        if not self.lazy:
+            return None
+        h = hashlib.sha256(what.encode())
+        h.update("\n".join(self.ids.tolist()).encode())
+        h.update(np.ascontiguousarray(self.lengths).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        h.update(json.dumps(self.captions, ensure_ascii=False).encode())
+        for a in (self.tokens_id, self.tokens_cont, self.globals):
+            if arrays.is_lazy(a):
+                h.update(json.dumps(a.identity()).encode())
+                h.update(b"all" if a.base_rows is None else a.base_rows.tobytes())
+            elif a is not None:
+                h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
 
     def group_ids(self, protocol: str) -> np.ndarray:
@@ -163,33 +199,20 @@ class PairedData:
             if self.tokens_id.shape[1] != self.tokens_cont.shape[1]:
                 raise UserError(f"{src}: 'tokens_id' has T={self.tokens_id.shape[1]} positions but "
                                 f"'tokens_cont' has T={self.tokens_cont.shape[1]}")
-        for key in ("tokens_cont", "globals"):
-            arr = named[key]
-            if arr is not None:
-                bad = ~np.isfinite(arr)
-                if bad.any():
-                    first = np.argwhere(bad)[0]
-                    raise UserError(f"{src}: '{key}' has {int(bad.sum())} non-finite values (NaN/Inf), "
-                                    f"first in sample '{self.ids[first[0]]}' at index {tuple(int(i) for i in first[1:])}")
-
         _check_kind(src, "lengths", self.lengths, "iu", ndim=1)
         T = self.seq_len
         bad = (self.lengths < 1) | (self.lengths > T)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise UserError(f"{src}: 'lengths' of sample '{self.ids[i]}' is {int(self.lengths[i])}, outside 1..{T}")
-        if self.tokens_id is not None:
-            if (self.tokens_id < 0).any():
-                i = int(np.argwhere(self.tokens_id < 0)[0][0])
-                raise UserError(f"{src}: 'tokens_id' has negative ids (sample '{self.ids[i]}'); ids start at 1, 0 is padding")
-            valid = np.arange(T)[None, :] < self.lengths[:, None]
-            if (self.tokens_id[valid] == 0).any():
-                i = int(np.argwhere((self.tokens_id == 0) & valid)[0][0])
-                raise UserError(f"{src}: 'tokens_id' has id 0 (padding) inside the length of sample "
-                                f"'{self.ids[i]}'; ids start at 1")
-            if self.vocab is not None and self.tokens_id.max() >= len(self.vocab):
-                raise UserError(f"{src}: 'tokens_id' has id {int(self.tokens_id.max())} but the vocabulary "
-                                f"has {len(self.vocab)} entries")
+        key = self._disk_key("validated")
+        if key is None or arrays.cache_get(key) is None:  # on-disk arrays: one streamed pass per file version
+            _check_values(self)
+            if key is not None:
+                arrays.cache_put(key, "ok")
+        if self.tokens_id is not None and self.vocab is not None and arrays.array_max(self.tokens_id) >= len(self.vocab):
+            raise UserError(f"{src}: 'tokens_id' has id {arrays.array_max(self.tokens_id)} but the vocabulary "
+                            f"has {len(self.vocab)} entries")
 
         for i, caps in enumerate(self.captions):
             if not isinstance(caps, list) or len(caps) == 0:
@@ -213,6 +236,35 @@ class PairedData:
             if self.class_prompts is not None and len(self.class_prompts) != k:
                 raise UserError(f"{src}: {len(self.class_prompts)} class prompt lists for {k} labels")
         return self
+
+
+def _check_values(data: PairedData) -> None:
+    """Finite features, ids >= 1 inside each length: the checks that read every value."""
+    src = data.source
+    for key in ("tokens_cont", "globals"):
+        arr = getattr(data, key)
+        if arr is None:
+            continue
+        for start, chunk in arrays.chunks(arr):
+            bad = ~np.isfinite(chunk)
+            if bad.any():
+                first = np.argwhere(bad)[0]
+                total = int(bad.sum()) if not arrays.is_lazy(arr) else None
+                count = f"{total} non-finite values" if total is not None else "non-finite values"
+                raise UserError(f"{src}: '{key}' has {count} (NaN/Inf), first in sample "
+                                f"'{data.ids[start + first[0]]}' at index {tuple(int(i) for i in first[1:])}")
+    if data.tokens_id is not None:
+        for start, chunk in arrays.chunks(data.tokens_id):
+            if (chunk < 0).any():
+                i = start + int(np.argwhere(chunk < 0)[0][0])
+                raise UserError(f"{src}: 'tokens_id' has negative ids (sample '{data.ids[i]}'); ids start at 1, 0 is padding")
+            lengths = data.lengths[start: start + len(chunk)]
+            valid = np.arange(chunk.shape[1])[None, :] < lengths[:, None]
+            zero = (chunk == 0) & valid
+            if zero.any():
+                i = start + int(np.argwhere(zero)[0][0])
+                raise UserError(f"{src}: 'tokens_id' has id 0 (padding) inside the length of sample "
+                                f"'{data.ids[i]}'; ids start at 1")
 
 
 def _check_kind(src: str, key: str, arr: np.ndarray, kinds: str, ndim: int) -> None:

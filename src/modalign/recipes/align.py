@@ -311,7 +311,7 @@ class AlignRecipe:
             variant=get_variant("head", self.model_cfg.head.kind).metadata(),
             code=code_info(),
             env=env_info(torch.get_num_threads(), self.device, self.malloc, self.world),
-            data={"name": self.cfg.data.name, "source": self.data.source,
+            data={"name": self.cfg.data.name, "source": self.data.source, "on_disk": self.data.lazy,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             text={"model": self.text.model_id, "cache": self.text.stats, **self.text.identity},
             parents=self.parents,

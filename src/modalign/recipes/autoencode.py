@@ -154,7 +154,7 @@ class AutoencodeRecipe:
                      "date": None, "experiment_id": None, "version": code_info()["package_version"]},
             code=code_info(),
             env=env_info(torch.get_num_threads(), self.device, self.malloc),
-            data={"name": self.cfg.data.name, "source": self.data.source,
+            data={"name": self.cfg.data.name, "source": self.data.source, "on_disk": self.data.lazy,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             parents=[], globals_beta=self.globals_beta,
             eval={"protocol": "reconstruction", "version": PROTOCOL_VERSION, "split": self.eval_cfg.split,

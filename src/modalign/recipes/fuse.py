@@ -427,7 +427,7 @@ class FuseRecipe:
             variant=self.variant.metadata(),
             code=code_info(),
             env=env_info(torch.get_num_threads(), self.device, self.malloc),
-            data={"name": self.cfg.data.name, "source": self.data.source,
+            data={"name": self.cfg.data.name, "source": self.data.source, "on_disk": self.data.lazy,
                   "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
             parents=self.parents,
             lm={k: self.lm.identity[k] for k in ("name", "sha256", "layers", "width", "vocab", "params")},

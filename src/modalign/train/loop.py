@@ -290,6 +290,14 @@ class Trainer:
         return metrics
 
     def fit(self, resume: dict | None = None) -> dict:
+        try:
+            return self._fit(resume)
+        finally:
+            close = getattr(self.sampler, "close", None)  # a sampler that reads ahead stops its thread
+            if close is not None:
+                close()
+
+    def _fit(self, resume: dict | None) -> dict:
         if resume is not None:
             self.load_state(resume)
         cfg = self.cfg
