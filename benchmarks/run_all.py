@@ -14,6 +14,7 @@ never writes unless --write is given too.
 Scripts (about 20 min in all on an idle 2-core machine; longer when other jobs load it):
   step       bench_step.py       align recipe step vs a bare PyTorch + open_clip ClipLoss loop
   flops      bench_flops.py      training-step FLOP/s as a fraction of the measured matmul peak
+  bf16       bench_bf16.py       the bf16 step's profile by kind of work; flash vs math attention (about 3 min)
   retrieval  bench_retrieval.py  retrieval metrics over 50k x 50k pairs vs matmul-bound and full matrix
   sweep      bench_sweep.py      per-job overhead of a sweep, and a report over 1,000 runs
   cli        bench_cli.py        `modalign --help` / `modalign runs` start-up vs `python -c pass`
@@ -21,6 +22,7 @@ Scripts (about 20 min in all on an idle 2-core machine; longer when other jobs l
   fuse       bench_fuse.py       stage-3 step vs a bare transformers loop, LM load cold/cached, decoding (about 7 min)
   sinks      bench_sinks.py      a run with TensorBoard + MLflow + W&B offline vs no sink (about 14 min; only with --only)
   patches    bench_patches.py    encoder.patch_size: step time and zero-shot accuracy vs unpatched and CNN (about 45 min; only with --only)
+  data       bench_data_scale.py HDF5 on disk at 1 and 8 GB vs NPZ in memory: step time, peak RSS (about 8 min, 10 GB of disk; only with --only)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ REPO = HERE.parent
 SCRIPTS = {
     "step": ("bench_step.py", "Step overhead: align recipe vs a bare PyTorch loop"),
     "flops": ("bench_flops.py", "Hardware efficiency: training step vs matmul peak"),
+    "bf16": ("bench_bf16.py", "bf16 step: where the time goes"),
     "retrieval": ("bench_retrieval.py", "Evaluation at scale: retrieval over 50,000 x 50,000 pairs"),
     "sweep": ("bench_sweep.py", "Sweep and report overhead"),
     "cli": ("bench_cli.py", "CLI start-up"),
@@ -45,8 +48,9 @@ SCRIPTS = {
     "fuse": ("bench_fuse.py", "Stage 3: fuse step, LM load, decoding"),
     "sinks": ("bench_sinks.py", "Tracking sinks: cost per step"),
     "patches": ("bench_patches.py", "Patches: long series as tokens"),
+    "data": ("bench_data_scale.py", "Data larger than memory: HDF5 read by rows"),
 }
-DEFAULT = ("step", "flops", "retrieval", "sweep", "cli", "fuse")
+DEFAULT = ("step", "flops", "bf16", "retrieval", "sweep", "cli", "fuse")
 
 
 def replace_section(text: str, name: str, title: str, body: str) -> str:

@@ -37,7 +37,7 @@ def test_config_file_composes_instantiates_and_says_how_to_run_it(path, tmp_path
     root = rel.stem if len(rel.parts) == 1 else \
         ("autoencode" if rel.parts[0] == "bottleneck" else "fuse" if stage3 else "align")
     overrides = [] if len(rel.parts) == 1 else [f"{rel.parts[0]}={rel.stem}"]
-    if rel.parts[0] == "data" and rel.stem == "npz":
+    if rel.parts[0] == "data" and rel.stem in ("npz", "file"):
         overrides.append("data.path=x.npz")
     if rel.parts[0] == "text" and rel.stem == "precomputed":
         overrides.append("text.path=x.npz")
@@ -98,16 +98,18 @@ def _instantiate(rel: Path, cfg, tmp_path) -> None:
     if group == "data":
         from modalign.recipes.align import load_data
 
-        if rel.stem == "npz":
-            from modalign.data.npz import write_npz
+        if rel.stem in ("npz", "file"):  # file: any format; HDF5 kept on disk here
+            from modalign.data.formats import write_data
 
-            path = tmp_path / "tiny.npz"
-            write_npz(_tiny_data(tmp_path), str(path))
+            path = tmp_path / ("tiny.npz" if rel.stem == "npz" else "tiny.h5")
+            write_data(_tiny_data(tmp_path), str(path))
             cfg.data.path = str(path)
+            if rel.stem == "file":
+                cfg.data.lazy = True
         elif rel.stem == "demo":
             cfg.data.n_train, cfg.data.n_val, cfg.data.n_test = 24, 8, 8
         data = load_data(cfg).validate()
-        assert len(data) > 0
+        assert len(data) > 0 and data.lazy == (rel.stem == "file")
         return
     if group == "env":
         from modalign.train.device import resolve_device

@@ -83,7 +83,10 @@ def test_batches_from_disk_equal_batches_in_memory(npz, out):
     ref = _tensors(read_npz(str(npz)).subset("train"))
     lazy = _tensors(read_data(str(npz.parent / out), lazy=True).subset("train"))
     assert arrays.is_lazy(lazy.tokens_cont) and lazy.prefetch == 4
+    # rows stored contiguously are read ahead by the kernel (posix_fadvise), Parquet by a thread
+    assert lazy.kernel_readahead == (out != "data.parquet")
     a, b = EpochSampler(ref, 8, seed=3, token_noise=True), EpochSampler(lazy, 8, seed=3, token_noise=True)
+    assert (b._ahead is None) == lazy.kernel_readahead
     try:
         for step in [*range(12), 40, 41, 2, 3]:  # 3 batches an epoch; 40: a jump; 2: back again
             x, y = a.batch(step), b.batch(step)
@@ -94,7 +97,8 @@ def test_batches_from_disk_equal_batches_in_memory(npz, out):
         assert [f["tokens_cont"].shape[0] for f in first] == [5] * (lazy.n // 5) + ([lazy.n % 5] if lazy.n % 5 else [])
     finally:
         b.close()
-    assert not b._ahead.pool._threads or all(not t.is_alive() for t in b._ahead.pool._threads)
+    if b._ahead is not None:
+        assert all(not t.is_alive() for t in b._ahead.pool._threads)
 
 
 def test_prefetcher_returns_what_the_function_returns_and_raises_its_errors():
@@ -241,3 +245,46 @@ def test_convert_cli_then_train_on_disk(tmp_path, cache_dir):
         assert info["status"] == "completed" and info["data"]["on_disk"] == (name == "d.h5")
         fps[name] = {s: v["fingerprint"] for s, v in info["data"]["splits"].items()}
     assert fps["d.npz"] == fps["d.h5"]
+
+
+def test_docs_examples_of_the_three_formats_run(tmp_path, monkeypatch):
+    """The copyable example of docs/data.md writes files that read back as the same data."""
+    import re
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+    example = next(b for b in re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S) if "h5py.File" in b)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MODALIGN_CACHE", str(tmp_path / "cache"))
+    exec(compile(example, str(docs), "exec"), {})
+    got = {}
+    for name in ("mydata.h5", "mydata.parquet", "mydata_npy"):
+        Path(Path(name).stem + ".jsonl").write_text(
+            "".join(json.dumps({"id": f"rec{i:03d}", "caption": f"rec {i}"}) + "\n" for i in range(30)))
+        data = read_data(name, lazy=True)
+        assert data.lazy and len(data) == 30 and data.label_names == ["sitting", "walking", "running"]
+        got[name] = data.fingerprint()
+    assert len(set(got.values())) == 1
+
+
+def test_a_killed_conversion_leaves_no_output_and_the_next_one_completes(tmp_path, cache_dir):
+    """SIGKILL after the first chunk of arrays is written: OUT does not exist (only its temporary
+    name), and converting again writes a complete OUT that reads back as the input."""
+    write_npz(_data(96), tmp_path / "d.npz")
+    out = tmp_path / "d.h5"
+    p = run_cli(["convert", "--quiet", str(tmp_path / "d.npz"), str(out)], tmp_path, cache_dir,
+                env_extra={"MODALIGN_FAULTS": "kill:convert_chunk@1"})
+    assert p.returncode == -9, (p.returncode, p.stderr)
+    assert not out.exists() and (tmp_path / ".d.h5.partial").exists()
+    p = run_cli(["convert", "--quiet", str(tmp_path / "d.npz"), str(out)], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    assert not (tmp_path / ".d.h5.partial").exists()
+    assert read_data(str(out), lazy=True).fingerprint() == read_npz(str(tmp_path / "d.npz")).fingerprint()
+
+
+def test_bad_lazy_and_prefetch_settings_are_one_line(npz):
+    with pytest.raises(UserError, match=r"'data.lazy'='maybe' must be auto, true or false"):
+        read_data(str(npz), lazy="maybe")
+    with pytest.raises(UserError, match=r"'data.prefetch'=-1 must be an integer >= 0"):
+        read_data(str(npz), prefetch=-1)
+    with pytest.raises(UserError, match="data file not found"):
+        read_data(str(npz.parent / "absent.h5"))

@@ -90,7 +90,7 @@ def test_precomputed_vectors_train_like_the_model_that_made_them_and_compare_ref
     ("duplicate", "appears twice (rows 0 and 2)"),
     ("rows", "'embeddings' has 2 rows but 'texts' has 3"),
     ("objects", "holds Python objects"),
-    ("no-texts", "no 'texts' array"),
+    ("no-texts", "'embeddings' without 'texts'; give both"),
 ])
 def test_bad_vector_files_are_one_line_errors_naming_the_file(tmp_path, case, needle):
     f = tmp_path / "emb.npz"
@@ -130,7 +130,8 @@ def test_a_bad_vector_file_stops_the_cli_with_one_line_and_no_run(tmp_path, cach
 
 def test_reading_a_good_file_keeps_its_rows_and_hash(tmp_path):
     f = write(tmp_path / "e.npz", ["x", "y"], np.array([[1, 2], [3, 4]], np.float32))
-    index, emb, sha = read_precomputed(f)
+    pre = read_precomputed(f)
+    index, emb, sha = pre.by_text, pre.text_vectors, pre.sha256
     assert index == {"x": 0, "y": 1} and emb.dtype == np.float32 and emb.tolist() == [[1, 2], [3, 4]]
     import hashlib
 
@@ -151,3 +152,47 @@ def test_a_local_sentence_transformers_folder_is_a_text_model(tmp_path, cache_di
     np.testing.assert_allclose(mine.embed(texts), ref.embed(texts), atol=1e-6)
     assert mine.model_id.startswith("my-minilm@") and mine.model_id != ref.model_id
     assert mine.stats["misses"] == 2  # its own cache entries, not the packaged model's
+
+
+def test_vectors_by_sample_id_stand_for_that_samples_captions(tmp_path, cache_dir, minilm_vectors):
+    """EMB.npz with `ids` + `id_embeddings`: those samples' captions take their id's vector (all
+    captions of the sample share it), the others and the class prompts are looked up by text; a
+    run on it completes and records how many samples were keyed by id."""
+    from modalign.data.demo import make_demo_data
+    from modalign.recipes.align import TextTable
+    from modalign.recipes.settings import TextSettings
+
+    texts, emb = minilm_vectors
+    data = make_demo_data(n_train=256, n_val=64, n_test=64)
+    keyed = data.ids[::3].tolist()
+    rng = np.random.default_rng(0)
+    id_vectors = rng.normal(size=(len(keyed), emb.shape[1])).astype(np.float32)
+    f = tmp_path / "emb.npz"
+    np.savez(f, texts=np.array(texts, dtype=str), embeddings=emb, ids=np.array(keyed, dtype=str), id_embeddings=id_vectors)
+    table = TextTable(data, TextSettings(kind="precomputed", path=str(f)), progress=False)
+    rows = table.rows(data)
+    for i, sid in enumerate(data.ids.tolist()):
+        if sid in keyed:
+            assert rows[i, 0] >= 0 and (rows[i, 1:] == -1).all()
+            assert np.array_equal(table.embeddings[rows[i, 0]], id_vectors[keyed.index(sid)])
+        else:
+            got = table.embeddings[rows[i, : len(data.captions[i])]]
+            assert np.array_equal(got, emb[[texts.index(c) for c in data.captions[i]]])
+    assert table.stats == {"precomputed": len(table.embeddings), "by_sample_id": len(keyed)}
+
+    p = run_cli(["train", "--quiet", *TINY, "text=precomputed", f"text.path={f}"], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    info = json.loads((only_run(tmp_path) / "run.json").read_text())
+    assert info["status"] == "completed" and info["text"]["cache"]["by_sample_id"] == len(keyed)
+
+    # ids alone, without a vector for a caption of another sample: one line naming what is missing
+    np.savez(tmp_path / "ids_only.npz", ids=np.array(keyed, dtype=str), id_embeddings=id_vectors)
+    with pytest.raises(UserError, match="without a vector by sample id have no vector there"):
+        TextTable(data, TextSettings(kind="precomputed", path=str(tmp_path / "ids_only.npz")), progress=False)
+    np.savez(tmp_path / "half.npz", ids=np.array(keyed, dtype=str))
+    with pytest.raises(UserError, match="'ids' without 'id_embeddings'; give both"):
+        read_precomputed(tmp_path / "half.npz")
+    np.savez(tmp_path / "dims.npz", texts=np.array(texts, dtype=str), embeddings=emb, ids=np.array(keyed, dtype=str),
+             id_embeddings=id_vectors[:, :10])
+    with pytest.raises(UserError, match="both sides must come from one model"):
+        read_precomputed(tmp_path / "dims.npz")

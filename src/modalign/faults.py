@@ -11,6 +11,7 @@ it inside a checkpoint write or poison one step, deterministically, through the 
     kill:checkpoint_rename  SIGKILL in the n-th save, after the rename, before the manifest commit
     kill:metrics_line       SIGKILL in the n-th metrics write, half-way through a line
     nan:loss                the loss of optimizer step n is NaN
+    kill:convert_chunk      SIGKILL after the n-th chunk of arrays `modalign convert` wrote
     raise:sink_NAME         the n-th call of this process into the tracking sink NAME (tensorboard,
                             mlflow, wandb) raises OSError, as a full disk or a locked store would
 

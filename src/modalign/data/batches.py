@@ -3,8 +3,10 @@
 The order of training batches is a pure function of (seed, step): epoch e's permutation and its
 caption choices come from a generator seeded with (seed, e). A resumed run therefore sees exactly
 the batches the uninterrupted run would have seen, with no sampler state to save. Because the
-order is known ahead, data that stays on disk (DiskArray) is read a few steps ahead by one
-background thread (`Prefetcher`), bounded to that many batches.
+order is known ahead, data that stays on disk (DiskArray) is read a few steps ahead, bounded to
+that many batches: rows stored contiguously (.npy, uncompressed HDF5) by asking the kernel to read
+them into the page cache (posix_fadvise), so no thread of ours takes CPU from the training step;
+other backends (compressed HDF5, Parquet) by one background thread (`Prefetcher`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class PairedTensors:
         self.ids = data.ids
         self.lazy = data.lazy  # some arrays stay on disk: batches gather their rows
         self.prefetch = int(data.meta.get("prefetch", PREFETCH)) if self.lazy else 0
+        self._disk = [a for a in (data.tokens_id, data.tokens_cont, data.globals) if is_lazy(a)]
+        self.kernel_readahead = bool(self._disk) and all(a.can_advise for a in self._disk)
 
         def held(a):  # None (absent: zeros per batch), a DiskArray, or a tensor
             return None if a is None else a if is_lazy(a) else torch.as_tensor(a)
@@ -68,6 +72,11 @@ class PairedTensors:
             "groups": self.caption_groups[rows],
         }
 
+    def advise(self, idx: torch.Tensor) -> None:
+        """The rows of a coming batch: the kernel starts reading them (kernel_readahead only)."""
+        for a in self._disk:
+            a.advise(idx.numpy())
+
     @staticmethod
     def _rows(a, idx: torch.Tensor, t: int | None = None) -> torch.Tensor:
         if is_lazy(a):
@@ -92,9 +101,12 @@ class EpochSampler:
         self.token_noise = token_noise
         self.accumulate = accumulate  # micro-batches per optimizer step
         self.steps_per_epoch = data.n // self.batch_size  # micro-batches; the ragged last one is dropped
-        self._epoch, self._perm, self._k = -1, None, None
-        # data on disk: the next batches are read by a background thread while this one trains
-        self._ahead = Prefetcher(self._batch, data.prefetch) if data.prefetch > 0 else None
+        self._epochs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # epoch -> (permutation, caption k)
+        # data on disk: the next `prefetch` batches are read ahead while this one trains
+        self._ahead = None
+        self._advised = -1  # kernel read-ahead: the last micro-step whose rows were advised
+        if data.prefetch > 0 and not data.kernel_readahead:
+            self._ahead = Prefetcher(self._batch, data.prefetch)
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -108,17 +120,39 @@ class EpochSampler:
         """The batch of micro-step `micro_step` (the same whether or not it was read ahead)."""
         if self._ahead is not None:
             return self._ahead.get(micro_step)
+        if self.data.kernel_readahead and self.data.prefetch > 0:
+            last = micro_step + self.data.prefetch
+            # in order, only the newest step is new; after a jump, every step up to `last`
+            start = self._advised + 1 if micro_step <= self._advised <= last else micro_step + 1
+            for s in range(start, last + 1):
+                self.data.advise(self._index(s))
+            self._advised = last
         return self._batch(micro_step)
+
+    def _epoch_state(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(permutation, caption index per sample) of an epoch; the three nearest epochs are kept
+        (reading ahead may reach into the next one)."""
+        state = self._epochs.get(epoch)
+        if state is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.data.n, generator=g)
+            u = torch.rand(self.data.n, generator=g)
+            state = (perm, (u * self.data.n_captions).long())  # k uniform over each sample's captions
+            self._epochs[epoch] = state
+            for e in sorted(self._epochs, key=lambda e: abs(e - epoch), reverse=True)[: max(0, len(self._epochs) - 3)]:
+                del self._epochs[e]
+        return state
+
+    def _index(self, micro_step: int) -> torch.Tensor:
+        """The sample indices of a micro-step's batch (this rank's share under torchrun)."""
+        epoch, pos = divmod(micro_step, self.steps_per_epoch)
+        idx = self._epoch_state(epoch)[0][pos * self.batch_size:(pos + 1) * self.batch_size]
+        return idx[self.shard] if self.shard is not None else idx
 
     def _batch(self, micro_step: int) -> dict:
         epoch, pos = divmod(micro_step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(self.data.n, generator=g)
-            u = torch.rand(self.data.n, generator=g)
-            self._k = (u * self.data.n_captions).long()  # (N,) uniform over each sample's captions
-            self._epoch = epoch
-        idx = self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]  # the global batch
+        perm, k = self._epoch_state(epoch)
+        idx = perm[pos * self.batch_size:(pos + 1) * self.batch_size]  # the global batch
         noise = None
         if self.token_noise:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step)
@@ -126,7 +160,7 @@ class EpochSampler:
         if self.shard is not None:
             idx = idx[self.shard]  # every rank draws the same global batch and keeps its own rows
             noise = noise[self.shard] if noise is not None else None
-        batch = self.data.batch(idx, self._k[idx])
+        batch = self.data.batch(idx, k[idx])
         if noise is not None:
             batch["token_noise"] = noise[:, : batch["mask"].shape[1]]
         return batch

@@ -27,6 +27,7 @@ from modalign.data.arrays import (DiskArray, H5Backend, ParquetBackend, RowsBack
                                   materialize, npy_rows)
 from modalign.data.npz import (ARRAYS, _one_line, array_items, from_arrays, read_npz, write_npy, write_npz_arrays,
                                write_sidecars)
+from modalign import faults
 from modalign.data.paired import PairedData
 from modalign.errors import UserError
 
@@ -110,7 +111,14 @@ def convert(src: str, dst: str, captions: str | None = None, compress: bool = Fa
                         f"{out.with_suffix('.jsonl')})")
     tmp = out.with_name(f".{out.name}.partial")
     _remove(tmp)
-    _write_arrays(data, tmp, fmt, compress, progress(data) if progress is not None else None)
+    shown = progress(data) if progress is not None else None
+
+    def advance(nbytes: int) -> None:
+        if shown is not None:
+            shown(nbytes)
+        faults.kill_if("kill:convert_chunk")  # the reliability test's kill after the n-th chunk
+
+    _write_arrays(data, tmp, fmt, compress, advance)
     # shared: the same name as the input's (data.npz -> data.h5): its captions are already there
     write_sidecars(data, out, with_captions=not shared)
     _remove(out)

@@ -80,21 +80,30 @@ class TextTable:
     """Every distinct caption and prompt, embedded once; groups = identical text."""
 
     def __init__(self, data: PairedData, settings: TextSettings, progress: bool):
+        self.identity: dict = {}  # what run.json's `text` records besides the model id and cache stats
+        self.by_id: dict[str, int] = {}  # sample id -> row, for samples whose text vector is keyed by id
+        pre = None
+        if settings.kind == "precomputed":  # the user's own vectors (modalign.data.text_embeddings)
+            from modalign.data.text_embeddings import read_precomputed
+
+            pre = read_precomputed(settings.path)
+        keyed = [] if pre is None else [i for i in data.ids.tolist() if i in pre.by_id]
+        skip = set(keyed)
         texts = {}
-        for caps in data.captions:
-            for c in caps:
-                texts.setdefault(c, len(texts))
+        for sid, caps in zip(data.ids.tolist(), data.captions):
+            if sid not in skip:
+                for c in caps:
+                    texts.setdefault(c, len(texts))
         prompts = [p for ps in (data.class_prompts or []) for p in ps]
         for p in prompts:
             texts.setdefault(p, len(texts))
         self.index = texts
-        self.identity: dict = {}  # what run.json's `text` records besides the model id and cache stats
-        if settings.kind == "precomputed":  # the user's own vectors (modalign.data.text_embeddings)
-            from modalign.data.text_embeddings import lookup
-
-            self.embeddings, self.identity = lookup(settings.path, list(texts))
+        if pre is not None:
+            self.embeddings = np.concatenate([pre.texts(list(texts)), pre.samples(keyed)])
+            self.by_id = {sid: len(texts) + j for j, sid in enumerate(keyed)}
+            self.identity = pre.identity()
             self.model_id = self.identity.pop("model")
-            self.stats = {"precomputed": len(texts)}
+            self.stats = {"precomputed": len(texts) + len(keyed), "by_sample_id": len(keyed)}
             return
         from modalign.models.text_encoder import TextEmbedder
 
@@ -105,11 +114,15 @@ class TextTable:
         self.stats = dict(embedder.stats)
 
     def rows(self, data: PairedData) -> np.ndarray:
-        """(N, K) table rows of each sample's captions, -1 where a sample has fewer than K."""
+        """(N, K) table rows of each sample's captions, -1 where a sample has fewer than K; a sample
+        with a vector by id has that one row (its captions share it)."""
         k = max(len(c) for c in data.captions)
         out = np.full((len(data), k), -1, np.int64)
-        for i, caps in enumerate(data.captions):
-            out[i, : len(caps)] = [self.index[c] for c in caps]
+        for i, (sid, caps) in enumerate(zip(data.ids.tolist(), data.captions)):
+            if sid in self.by_id:
+                out[i, 0] = self.by_id[sid]
+            else:
+                out[i, : len(caps)] = [self.index[c] for c in caps]
         return out
 
 

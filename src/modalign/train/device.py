@@ -67,11 +67,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+# Attention under bf16 autocast on a CPU: "math" (matmuls and a softmax, torch's reference SDPA) or
+# "flash" (torch's CPU flash-attention kernel, its default). The flash kernel's backward was 43% of a
+# bf16 training step here against 9% of its FLOPs; the math path runs those FLOPs as bf16 GEMMs and
+# made the step 1.3x faster (BENCHMARKS.md, "bf16 step"). fp32 steps were the same either way.
+CPU_BF16_ATTENTION = "math"
+
+
 def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` on `device` (a no-op for fp32)."""
+    """The autocast context of `precision` on `device` (a no-op for fp32); under bf16 on a CPU it
+    also picks the attention kernel (CPU_BF16_ATTENTION)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and precision == "bf16" and CPU_BF16_ATTENTION == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
     return torch.autocast(device.type, dtype=dtype)
 
 
