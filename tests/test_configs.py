@@ -111,6 +111,12 @@ def _instantiate(rel: Path, cfg, tmp_path) -> None:
         data = load_data(cfg).validate()
         assert len(data) > 0 and data.lazy == (rel.stem == "file")
         return
+    if group == "checks":
+        from modalign.analysis.checks import settings_of, validate
+
+        validate(to_container(cfg.checks, "checks"))
+        assert settings_of(to_container(cfg, ""))["loss_falls"]["min_drop"] > 0
+        return
     if group == "env":
         from modalign.train.device import resolve_device
 

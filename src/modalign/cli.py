@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address to bind (default 127.0.0.1, this machine only; another address shows your runs "
                          "to your network)")
 
+    ck = sub.add_parser("check", help="evaluate a run's health checks again: modalign check RUN [checks.KEY.NAME=VALUE]",
+                        epilog="exit status 1 when a check fails (docs/checks.md)")
+    ck.add_argument("run", help="a run directory")
+    ck.add_argument("overrides", nargs="*", metavar="checks.KEY.NAME=VALUE",
+                    help="other thresholds, e.g. checks.loss_falls.min_drop=0.2 checks.baseline.metric=m2t_R@1 "
+                         "checks.baseline.value=0.3")
+
     cv = sub.add_parser("convert", help="convert paired data between formats: modalign convert IN OUT",
                         epilog="formats by name: DATA.npz, DATA.h5 (HDF5), DATA.parquet, or DIR (one .npy per array); "
                                "the captions (DATA.jsonl) and class prompts follow (docs/data.md)")
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
                 "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs,
-                "sync": cmd_sync, "serve": cmd_serve, "convert": cmd_convert}[args.command](args)
+                "sync": cmd_sync, "serve": cmd_serve, "convert": cmd_convert, "check": cmd_check}[args.command](args)
     except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
         print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
@@ -451,6 +458,50 @@ def cmd_variants(args) -> int:
     return 0
 
 
+# check ------------------------------------------------------------------------------------------
+def cmd_check(args) -> int:
+    """A run's health checks from its directory (modalign.analysis.checks), with the run's own
+    thresholds or the ones given; prints a table; exit 1 if one fails."""
+    import yaml
+    from rich.table import Table
+
+    from modalign.analysis.checks import evaluate, validate, verdict
+    from modalign.runs.rundir import RunDir, read_json
+
+    run = Path(args.run)
+    if not (run / "run.json").is_file():
+        raise UserError(f"check: {run}: not a run directory (no run.json)")
+    try:
+        cfg = yaml.safe_load((run / "cfg.yaml").read_text()) if (run / "cfg.yaml").exists() else {}
+    except yaml.YAMLError as e:
+        raise UserError(f"check: {run / 'cfg.yaml'}: not YAML ({' '.join(str(e).split())})") from None
+    checks_cfg = dict((cfg or {}).get("checks") or {})
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) != 3 or parts[0] != "checks":
+            raise UserError(f"check: '{item}': expected checks.KEY.NAME=VALUE, e.g. checks.loss_falls.min_drop=0.2")
+        checks_cfg.setdefault(parts[1], {})
+        if not isinstance(checks_cfg[parts[1]], dict):
+            checks_cfg[parts[1]] = {}
+        checks_cfg[parts[1]] = {**checks_cfg[parts[1]], parts[2]: yaml.safe_load(value)}
+    validate(checks_cfg)
+    cfg = {**(cfg or {}), "checks": checks_cfg}
+    rd = RunDir(run)
+    summary_path = rd.facts / "summary.json"
+    checks = evaluate(rd.info(), cfg, rd.read_metrics(), read_json(summary_path) if summary_path.exists() else None)
+    table = Table(title=f"checks of {run.name}: {verdict(checks)}")
+    for col in ("phase", "check", "status", "value", "threshold", "message"):
+        table.add_column(col)
+    for c in checks:
+        style = {"fail": "bold red", "warn": "yellow"}.get(c["status"], "green")
+        table.add_row(c["phase"], c["name"], f"[{style}]{c['status']}[/{style}]",
+                      "" if c["value"] is None else str(c["value"])[:40], "" if c["threshold"] is None else str(c["threshold"]),
+                      c["message"])
+    _console().print(table)
+    return 1 if verdict(checks) == "fail" else 0
+
+
 # convert ----------------------------------------------------------------------------------------
 def cmd_convert(args) -> int:
     """Read any data format lazily and stream it into another (modalign.data.formats.convert)."""
@@ -505,11 +556,12 @@ def cmd_runs(args) -> int:
         if args.sort.split("/")[-1] not in columns:
             columns.append(args.sort)
     table = Table(title=f"runs under {args.root} ({len(records)})")
-    for col in ("run", "status", "data", "encoder", "head / fusion", "steps", *columns, "wall s"):
+    for col in ("run", "status", "checks", "data", "encoder", "head / fusion", "steps", *columns, "wall s"):
         table.add_column(col, justify="right" if col in columns or col in ("steps", "wall s") else "left")
     for r in records:
         s = r.summary or {}
-        cells = [r.path.name, r.status, str(r.field("data.name") or ""), str(r.field("encoder.kind") or ""),
+        cells = [r.path.name, r.status, _checks_cell(r.info.get("checks")), str(r.field("data.name") or ""),
+                 str(r.field("encoder.kind") or ""),
                  str(r.field("head.kind") or r.field("fusion.kind") or ""), str(s.get("steps", ""))]
         for m in columns:
             v = r.metric(m)
@@ -518,6 +570,15 @@ def cmd_runs(args) -> int:
         table.add_row(*cells)
     _console().print(table)
     return 0
+
+
+def _checks_cell(checks) -> str:
+    """`modalign runs`' checks column: pass, or how many failed / warned."""
+    if not checks:
+        return ""
+    fail = sum(c.get("status") == "fail" for c in checks)
+    warn = sum(c.get("status") == "warn" for c in checks)
+    return f"{fail} FAIL" if fail else f"{warn} warn" if warn else "pass"
 
 
 def cmd_sync(args) -> int:

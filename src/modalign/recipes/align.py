@@ -330,7 +330,9 @@ class AlignRecipe:
             parents=self.parents,
             eval={"protocol": self.protocol, "protocols": self.protocols, "version": PROTOCOL_VERSION,
                   "split": self.eval_cfg.split, "metrics": self.metric_names},
-            params={"total": sum(params.values()), "trainable": trainable, "by_component": params},
+            params={"total": sum(params.values()), "trainable": trainable, "by_component": params,
+                    "trainable_by_component": {k: sum(p.numel() for p in ps if p.requires_grad)
+                                               for k, ps in self.model.components().items()}},
             patching=patching_record(self.model_cfg.encoder, self.data.seq_len, self.settings.encoder.patch_size == "auto"),
         )
 

@@ -161,7 +161,9 @@ class AutoencodeRecipe:
                   "metrics": self.metric_names()},
             params={"total": sum(params.values()),
                     "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                    "by_component": params},
+                    "by_component": params,
+                    "trainable_by_component": {k: sum(p.numel() for p in ps if p.requires_grad)
+                                               for k, ps in self.model.components().items()}},
         )
 
     def evaluate(self, split: str) -> Evaluation:

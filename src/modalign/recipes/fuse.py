@@ -435,7 +435,7 @@ class FuseRecipe:
                   "decode": asdict(self.decode)},
             params={"total": sum(p.numel() for p in self.model.parameters()) + sum(
                         p.numel() for p in self.lm.model.parameters() if not p.requires_grad),
-                    "trainable": sum(params.values()), "by_component": params},
+                    "trainable": sum(params.values()), "by_component": params, "trainable_by_component": params},
         )
 
     # evaluation ---------------------------------------------------------------------------------

@@ -90,6 +90,9 @@ def check_resolved(resolved: dict, overrides: list[str], recipe: str) -> dict:
     from modalign.sinks import read_logger
 
     read_logger(resolved.get("logger"))  # an unknown sink, a bad option or a missing package: here, not mid-run
+    from modalign.analysis.checks import validate
+
+    validate(resolved.get("checks"))  # thresholds of the health checks: here, not when the run ends
     for key in ("outputs", "name"):
         if not isinstance(resolved.get(key), str) or not resolved[key]:
             raise UserError(f"config: '{key}' must be a non-empty string, got {resolved.get(key)!r}")

@@ -62,6 +62,13 @@ def card_text(info: dict, summary: dict) -> str:
         lines += ["", f"## Sample captions ({split})", "", "| id | prediction | reference |", "|---|---|---|"]
         lines += [f"| {s['id']} | {_cell(s['prediction'])} | {_cell((s.get('references') or [''])[0])} |"
                   for s in samples]
+    checks = info.get("checks") or []
+    if checks:
+        failed = [c["name"] for c in checks if c["status"] == "fail"]
+        lines += ["", "## Checks" + (f" — **{len(failed)} failed: {', '.join(failed)}**" if failed else ""), "",
+                  "| phase | check | status | message |", "|---|---|---|---|"]
+        lines += [f"| {c['phase']} | {c['name']} | {c['status'].upper() if c['status'] != 'pass' else 'pass'} | "
+                  f"{_cell(c['message'])} |" for c in checks]
     missing = summary.get("unavailable") or {}
     if missing:
         lines += ["", "Not computed: " + "; ".join(f"{k} ({why})" for k, why in missing.items()) + "."]

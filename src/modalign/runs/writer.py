@@ -248,4 +248,21 @@ class RunWriter:
         if modality is not None and text is not None:
             self.figure(lambda d: plot_similarity(modality[:32], text[:32], d / "similarity.png",
                                                   title=f"{split}: first {min(32, len(modality))} pairs (cosine)"))
+        self.write_checks(rows, summary)
         self.write_card(summary)
+
+    def write_checks(self, rows: list[dict], summary: dict | None) -> list[dict]:
+        """Evaluate the run's health checks (modalign.analysis.checks) into run.json and run.log."""
+        if not self.writes:
+            return []
+        import yaml
+
+        from modalign.analysis.checks import evaluate, lines
+
+        cfg_path = self.path / "cfg.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+        checks = evaluate(self.run.info(), cfg, rows, summary)
+        self.update(checks=checks)
+        for line in lines(checks):
+            (log.warning if " FAIL " in line or " WARN " in line else log.info)(line)
+        return checks

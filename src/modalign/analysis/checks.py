@@ -1,0 +1,211 @@
+"""Health checks of a run, from its directory alone: before (the model as built), during (the
+training curves of metrics.jsonl) and after (the test metrics). No torch.
+
+Each check gives {name, phase, status, value, threshold, message}; status is pass, warn or fail.
+The recipes evaluate them when a run finishes (run.json `checks`, run.log, card.md), and
+`modalign check RUN` evaluates them again, e.g. with other thresholds. The thresholds are the run's
+config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1` on the command line):
+
+    trainable_components  before  every component the optimizer trains (lr > 0, not frozen by the
+                                  config) has trainable parameters
+    loss_falls            during  the training loss fell by min_drop of its first value within the
+                                  first `within` of the steps
+    gradients_flow        during  every trainable component's gradient norm is finite and non-zero
+                                  at some logged step
+    temperature_free      during  the learned temperature is not pinned at its clamp (contrastive)
+    no_nonfinite_steps    during  no step was skipped for a non-finite loss or gradient
+    beats_baseline        after   the headline metric against checks.baseline.value (when set)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from modalign.analysis.metrics import larger_is_better
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "loss_falls": {"within": 0.5, "min_drop": 0.05},
+    "temperature_free": {"margin": 0.02, "last": 3},
+    "baseline": {"metric": None, "value": None},
+}
+PHASES = ("before", "during", "after")
+
+
+def _check(name: str, phase: str, status: str, message: str, value=None, threshold=None) -> dict:
+    return {"name": name, "phase": phase, "status": status, "value": value, "threshold": threshold,
+            "message": message}
+
+
+def validate(node) -> None:
+    """The config group `checks`, checked before a run starts: one line naming a bad key or value."""
+    from modalign.errors import UserError
+
+    if node is None:
+        return
+    if not isinstance(node, dict):
+        raise UserError(f"config: 'checks' must be a config section (a mapping), got {node!r}")
+    for key, values in node.items():
+        if key not in DEFAULTS:
+            raise UserError(f"config: unknown check 'checks.{key}' (known: {', '.join(DEFAULTS)})")
+        if not isinstance(values, dict):
+            raise UserError(f"config: 'checks.{key}' must be a mapping of thresholds, got {values!r}")
+        for name, value in values.items():
+            if name not in DEFAULTS[key]:
+                raise UserError(f"config: unknown threshold 'checks.{key}.{name}' (known: {', '.join(DEFAULTS[key])})")
+            if key == "baseline" and name == "metric":
+                if value is not None and not isinstance(value, str):
+                    raise UserError(f"config: 'checks.baseline.metric'={value!r} must be a metric name, e.g. m2t_R@1")
+                continue
+            if value is None and key == "baseline":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise UserError(f"config: 'checks.{key}.{name}'={value!r} must be a number >= 0")
+    base = node.get("baseline") or {}
+    if (base.get("metric") is None) != (base.get("value") is None):
+        raise UserError("config: 'checks.baseline' needs both metric and value (e.g. checks.baseline.metric=m2t_R@1 "
+                        "checks.baseline.value=0.18)")
+
+
+def settings_of(cfg: dict | None) -> dict[str, dict[str, Any]]:
+    """The thresholds: the defaults, updated by a run's config group `checks`."""
+    out = {k: dict(v) for k, v in DEFAULTS.items()}
+    for key, values in ((cfg or {}).get("checks") or {}).items():
+        if isinstance(values, dict):
+            out.setdefault(key, {}).update(values)
+    return out
+
+
+def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | None) -> list[dict]:
+    """Every check that applies to a run: run.json, its resolved config, metrics.jsonl rows and
+    facts/summary.json (None while it has none)."""
+    st = settings_of(cfg)
+    train = [r for r in rows if r.get("split") == "train"]
+    checks = [_trainable_components(info, cfg or {})]
+    checks.append(_loss_falls(train, info, cfg or {}, st["loss_falls"]))
+    checks.append(_gradients_flow(train, info, cfg or {}))
+    temp = _temperature_free(train, cfg or {}, st["temperature_free"])
+    if temp is not None:
+        checks.append(temp)
+    skips = [r["value"] for r in train if r["name"] == "nonfinite_skips"]
+    checks.append(_check("no_nonfinite_steps", "during", "warn" if skips else "pass",
+                         f"{int(max(skips))} steps skipped for a non-finite loss or gradient" if skips
+                         else "no step was skipped", value=int(max(skips)) if skips else 0, threshold=0))
+    base = _beats_baseline(info, summary, st["baseline"])
+    if base is not None:
+        checks.append(base)
+    return checks
+
+
+def _optim_groups(cfg: dict) -> dict[str, dict]:
+    optim = ((cfg.get("trainer") or {}).get("optim") or {})
+    return {k: v for k, v in optim.items() if isinstance(v, dict) and "lr" in v}
+
+
+def _intended(info: dict, cfg: dict) -> list[str]:
+    """The components the run means to train: parameters, a learning rate > 0, not frozen by the
+    config (encoder.freeze)."""
+    params = info.get("params") or {}
+    groups = _optim_groups(cfg)
+    frozen_by_config = {"encoder"} if (cfg.get("encoder") or {}).get("freeze") else set()
+    return [k for k, n in (params.get("by_component") or {}).items()
+            if n > 0 and float((groups.get(k) or {}).get("lr", 0) or 0) > 0 and k not in frozen_by_config]
+
+
+def _trainable_components(info: dict, cfg: dict) -> dict:
+    params = info.get("params") or {}
+    trainable = params.get("trainable_by_component")
+    if trainable is None:
+        return _check("trainable_components", "before", "warn",
+                      "run.json has no trainable_by_component (a run from before the checks)")
+    groups = _optim_groups(cfg)
+    frozen = [k for k in _intended(info, cfg) if trainable.get(k, 0) == 0]
+    if frozen:
+        k = frozen[0]
+        return _check("trainable_components", "before", "fail",
+                      f"component '{k}' has no trainable parameters, but trainer.optim.{k}.lr="
+                      f"{groups[k]['lr']}: it cannot train" + (f" (also: {', '.join(frozen[1:])})" if frozen[1:] else ""),
+                      value=frozen, threshold="trainable parameters > 0")
+    return _check("trainable_components", "before", "pass",
+                  "every component with a learning rate has trainable parameters",
+                  value={k: int(v) for k, v in trainable.items()})
+
+
+def _loss_falls(train: list[dict], info: dict, cfg: dict, st: dict) -> dict:
+    losses = [(r["step"], r["value"]) for r in train if r["name"] == "loss" and _finite(r["value"])]
+    within, min_drop = float(st["within"]), float(st["min_drop"])
+    threshold = f"-{min_drop:.0%} within the first {within:.0%} of the steps"
+    if len(losses) < 2:
+        return _check("loss_falls", "during", "warn", "fewer than two logged losses: nothing to compare",
+                      threshold=threshold)
+    max_steps = int(((cfg.get("trainer") or {}).get("max_steps")) or losses[-1][0])
+    first = losses[0][1]
+    early = [v for s, v in losses[1:] if s <= max(losses[1][0], within * max_steps)]
+    drop = (first - min(early)) / abs(first) if first else 0.0
+    status = "pass" if drop >= min_drop else "fail"
+    return _check("loss_falls", "during", status,
+                  f"loss {first:.4g} at step {losses[0][0]} -> {min(early):.4g} by step "
+                  f"{int(within * max_steps)} ({-drop:+.1%})" + ("" if status == "pass" else
+                                                                 "; the loss does not fall: check the learning rates and the data"),
+                  value=round(drop, 4), threshold=threshold)
+
+
+def _gradients_flow(train: list[dict], info: dict, cfg: dict) -> dict:
+    norms: dict[str, list[float]] = {}
+    for r in train:
+        if r["name"].startswith("grad_norm/"):
+            norms.setdefault(r["name"].split("/", 1)[1], []).append(r["value"])
+    if not norms:
+        return _check("gradients_flow", "during", "warn", "no gradient norms logged")
+    dead = [k for k in _intended(info, cfg) if all(x == 0 for x in norms.get(k, [0.0]))]
+    bad = [k for k, v in norms.items() if any(not _finite(x) for x in v)]
+    value = {k: max((x for x in v if _finite(x)), default=None) for k, v in norms.items()}
+    if dead or bad:
+        parts = ([f"zero gradient norm at every logged step: {', '.join(dead)}"] if dead else []) + \
+                ([f"non-finite gradient norms: {', '.join(bad)}"] if bad else [])
+        return _check("gradients_flow", "during", "fail", "; ".join(parts), value=value, threshold="finite, > 0")
+    return _check("gradients_flow", "during", "pass", "every component's gradient norm was finite and non-zero",
+                  value=value, threshold="finite, > 0")
+
+
+def _temperature_free(train: list[dict], cfg: dict, st: dict) -> dict | None:
+    temps = [r["value"] for r in train if r["name"] == "temperature"]
+    scale = (cfg.get("loss") or {}).get("max_logit_scale")
+    if not temps or not scale:
+        return None
+    clamp = 1.0 / float(scale)
+    last = temps[-int(st["last"]):]
+    pinned = all(t <= clamp * (1 + float(st["margin"])) for t in last)
+    return _check("temperature_free", "during", "warn" if pinned else "pass",
+                  f"temperature {last[-1]:.4g}, clamp {clamp:.4g}" + (
+                      " (pinned at the clamp: loss.max_logit_scale limits the model)" if pinned else ""),
+                  value=last[-1], threshold=f"> {clamp:.4g} x (1 + {st['margin']})")
+
+
+def _beats_baseline(info: dict, summary: dict | None, st: dict) -> dict | None:
+    metric, value = st.get("metric"), st.get("value")
+    if metric is None or value is None:
+        return None
+    split = (info.get("eval") or {}).get("split", "test")
+    got = ((summary or {}).get(split) or {}).get(metric)
+    if got is None:
+        return _check("beats_baseline", "after", "warn", f"{split} metric '{metric}' is not in the run's results",
+                      threshold=value)
+    better = got > value if larger_is_better(metric) else got < value
+    return _check("beats_baseline", "after", "pass" if better else "fail",
+                  f"{split} {metric} {got:.4g} against the baseline's {value:.4g}", value=got, threshold=value)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def verdict(checks: list[dict]) -> str:
+    """fail if any check failed, else warn if any warned, else pass."""
+    statuses = {c["status"] for c in checks}
+    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
+
+
+def lines(checks: list[dict]) -> list[str]:
+    """One line per check, for run.log and the terminal."""
+    return [f"check {c['phase']:6s} {c['name']:20s} {c['status'].upper():4s}  {c['message']}" for c in checks]

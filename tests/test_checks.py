@@ -1,0 +1,113 @@
+"""Health checks (modalign.analysis.checks): recorded in run.json, run.log and card.md when a run
+ends, shown by `modalign runs`, evaluated again by `modalign check RUN`; a loss that does not fall
+and a frozen component that should train are caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli
+from modalign.analysis.checks import evaluate, validate, verdict
+from modalign.errors import UserError
+
+
+def _checks(run: Path) -> dict[str, dict]:
+    return {c["name"]: c for c in json.loads((run / "run.json").read_text())["checks"]}
+
+
+def test_a_healthy_run_records_its_checks_in_run_json_run_log_and_card(tiny_run, tmp_path, cache_dir):
+    checks = _checks(tiny_run)
+    assert set(checks) == {"trainable_components", "loss_falls", "gradients_flow", "temperature_free",
+                           "no_nonfinite_steps"}
+    assert all(c["status"] == "pass" for c in checks.values()), checks
+    assert checks["loss_falls"]["value"] >= 0.05 and set(checks["gradients_flow"]["value"]) >= {"encoder", "heads"}
+    assert "check during loss_falls" in (tiny_run / "run.log").read_text()
+    assert "## Checks" in (tiny_run / "card.md").read_text()
+    p = run_cli(["check", str(tiny_run)], tmp_path, cache_dir)
+    assert p.returncode == 0 and "checks of" in p.stdout and "pass" in p.stdout, p.stderr
+    # other thresholds: the same run fails a stricter loss check, and exit status 1 says so
+    p = run_cli(["check", str(tiny_run), "checks.loss_falls.min_drop=0.99"], tmp_path, cache_dir)
+    assert p.returncode == 1 and "fail" in p.stdout, p.stdout
+    for bad, fragment in ((["checks.loss_falls.min_drop=abc"], "must be a number >= 0"),
+                          (["checks.nope.x=1"], "unknown check 'checks.nope'"),
+                          (["loss_falls=1"], "expected checks.KEY.NAME=VALUE")):
+        p = run_cli(["check", str(tiny_run), *bad], tmp_path, cache_dir)
+        assert p.returncode == 2 and fragment in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    p = run_cli(["check", str(tmp_path)], tmp_path, cache_dir)
+    assert p.returncode == 2 and "not a run directory" in p.stderr
+    # a check reads files only: no torch, no text encoder (it runs where reports run)
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom modalign.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()):\n    rc = main(['check', {str(tiny_run)!r}])\n"
+            "print(rc, [m for m in ('torch', 'sentence_transformers') if m in sys.modules])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "0 []", (p.stdout, p.stderr)
+
+
+def test_a_loss_that_does_not_fall_fails_its_check_everywhere(tmp_path, cache_dir):
+    """Every learning rate 0: the run completes, and its loss check fails in run.json, card.md,
+    `modalign runs` and `modalign check`."""
+    zero = ["trainer.optim.encoder.lr=0", "trainer.optim.heads.lr=0", "trainer.optim.logit_scale.lr=0"]
+    p = run_cli(["train", "--quiet", *TINY, *zero], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    run = tmp_path / p.stdout.strip().splitlines()[-1]
+    checks = _checks(run)
+    assert checks["loss_falls"]["status"] == "fail" and abs(checks["loss_falls"]["value"]) < 0.05, checks["loss_falls"]
+    assert "the loss does not fall" in checks["loss_falls"]["message"]
+    assert checks["trainable_components"]["status"] == "pass"  # lr 0 on purpose is not a frozen component
+    assert "1 failed: loss_falls" in (run / "card.md").read_text()
+    p = run_cli(["runs", str(tmp_path / "outputs")], tmp_path, cache_dir)
+    assert p.returncode == 0 and "1 FAIL" in p.stdout, p.stdout
+    assert run_cli(["check", str(run)], tmp_path, cache_dir).returncode == 1
+
+
+def test_a_frozen_component_that_should_train_fails_before_and_during(tmp_path, cache_dir):
+    """A head whose parameters were left frozen (requires_grad False) while trainer.optim.heads.lr
+    is 1e-3: trainable_components and gradients_flow fail, naming the head."""
+    from modalign.recipes.align import AlignRecipe
+    from modalign.recipes.launch import new_run
+
+    cfg, writer = new_run([f"outputs={tmp_path / 'outputs'}", *TINY], "align")
+    recipe = AlignRecipe(cfg, writer, progress=False)
+    recipe.setup()
+    for p in recipe.model.components()["heads"]:
+        p.requires_grad_(False)  # the bug a check must catch: the projection heads left frozen
+    recipe.setup_training()
+    fit = recipe.fit()
+    recipe.write_facts(fit, recipe.test(), wall=1.0)
+    checks = _checks(writer.path)
+    assert checks["trainable_components"]["status"] == "fail", checks["trainable_components"]
+    assert "component 'heads' has no trainable parameters, but trainer.optim.heads.lr=0.001" in \
+        checks["trainable_components"]["message"]
+    assert checks["gradients_flow"]["status"] == "fail" and "heads" in checks["gradients_flow"]["message"]
+    card = (writer.path / "card.md").read_text()
+    failed = card.split("## Checks", 1)[1].splitlines()[0]
+    assert "failed" in failed and "trainable_components" in failed and "gradients_flow" in failed, failed
+
+
+def _rows(name: str, values: list[float], start: int = 1) -> list[dict]:
+    return [{"step": start + i, "split": "train", "name": name, "value": v} for i, v in enumerate(values)]
+
+
+def test_temperature_pinned_at_its_clamp_warns_and_a_baseline_is_beaten_in_the_metrics_direction():
+    info = {"params": {"trainable_by_component": {"encoder": 10}, "by_component": {"encoder": 10}},
+            "eval": {"split": "test"}}
+    cfg = {"trainer": {"max_steps": 10, "optim": {"encoder": {"lr": 1e-3}}}, "loss": {"max_logit_scale": 100.0}}
+    rows = _rows("loss", [4.0, 3.0, 2.0, 1.5]) + _rows("grad_norm/encoder", [1.0, 0.5, 0.2, 0.1]) + \
+        _rows("temperature", [0.05, 0.0101, 0.01, 0.01])
+    got = {c["name"]: c for c in evaluate(info, cfg, rows, None)}
+    assert got["temperature_free"]["status"] == "warn" and got["loss_falls"]["status"] == "pass"
+    for metric, value, status in (("m2t_R@1", 0.30, "pass"), ("m2t_R@1", 0.50, "fail"),
+                                  ("m2t_median_rank", 5.0, "pass"), ("m2t_median_rank", 2.0, "fail")):
+        cfg["checks"] = {"baseline": {"metric": metric, "value": value}}
+        summary = {"test": {"m2t_R@1": 0.40, "m2t_median_rank": 3.0}}
+        checks = evaluate(info, cfg, rows, summary)
+        base = next(c for c in checks if c["name"] == "beats_baseline")
+        assert base["status"] == status and verdict(checks) == ("fail" if status == "fail" else "warn"), (metric, value)
+    with pytest.raises(UserError, match="needs both metric and value"):
+        validate({"baseline": {"metric": "m2t_R@1", "value": None}})
