@@ -61,9 +61,25 @@ def test_a_loss_that_does_not_fall_fails_its_check_everywhere(tmp_path, cache_di
     assert "the loss does not fall" in checks["loss_falls"]["message"]
     assert checks["trainable_components"]["status"] == "pass"  # lr 0 on purpose is not a frozen component
     assert "1 failed: loss_falls" in (run / "card.md").read_text()
+    # while training it was a warning at the end of the check's window (half of the 12 steps)
+    assert "check during loss_falls FAIL at step 6" in (run / "run.log").read_text()
     p = run_cli(["runs", str(tmp_path / "outputs")], tmp_path, cache_dir)
     assert p.returncode == 0 and "1 FAIL" in p.stdout, p.stdout
     assert run_cli(["check", str(run)], tmp_path, cache_dir).returncode == 1
+
+
+def test_checks_on_fail_stop_stops_the_run_at_the_failed_check(tmp_path, cache_dir):
+    zero = ["trainer.optim.encoder.lr=0", "trainer.optim.heads.lr=0", "trainer.optim.logit_scale.lr=0"]
+    p = run_cli(["train", "--quiet", *TINY, *zero, "checks.on_fail=stop"], tmp_path, cache_dir)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "check loss_falls failed at step 6" in lines[0], p.stderr
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and "loss_falls" in info["error"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6  # stopped there, not at max_steps (12)
+    p = run_cli(["train", "--quiet", *TINY, "checks.on_fail=maybe"], tmp_path, cache_dir)
+    assert p.returncode == 2 and "'checks.on_fail'='maybe' must be one of warn, stop" in p.stderr, p.stderr
 
 
 def test_a_frozen_component_that_should_train_fails_before_and_during(tmp_path, cache_dir):
@@ -111,3 +127,32 @@ def test_temperature_pinned_at_its_clamp_warns_and_a_baseline_is_beaten_in_the_m
         assert base["status"] == status and verdict(checks) == ("fail" if status == "fail" else "warn"), (metric, value)
     with pytest.raises(UserError, match="needs both metric and value"):
         validate({"baseline": {"metric": "m2t_R@1", "value": None}})
+
+
+def test_the_report_flags_a_run_that_failed_a_check(tiny_run, tmp_path, cache_dir):
+    """A report over a healthy run and one whose loss did not fall: the runs table has a checks
+    column, the failed run is named in a warning, and summary.json carries each run's checks."""
+    import shutil
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    good = root / tiny_run.name
+    shutil.copytree(tiny_run, good)
+    bad = root / (tiny_run.name + "_flat")
+    shutil.copytree(tiny_run, bad)
+    info = json.loads((bad / "run.json").read_text())
+    for c in info["checks"]:
+        if c["name"] == "loss_falls":
+            c.update(status="fail", message="loss 4.2 -> 4.2 (+0.0%); the loss does not fall")
+    (bad / "run.json").write_text(json.dumps(info))
+    p = run_cli(["report", str(root), "--out", str(tmp_path / "report"), "--quiet"], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in md.split("## Runs", 1)[1].splitlines() if line.startswith("| run"))
+    assert "| status | checks |" in header, header
+    assert "1 FAIL: loss_falls" in md and "1 of 2 runs failed a health check" in md and bad.name in md
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "1 FAIL: loss_falls" in html
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert {r["path"].rsplit("/", 1)[-1]: any(c["status"] == "fail" for c in r["checks"]) for r in summary["runs"]} == \
+        {good.name: False, bad.name: True}

@@ -541,6 +541,7 @@ def cmd_runs(args) -> int:
 
     from modalign.runs.index import find_runs, parse_where, select
 
+    from modalign.analysis.checks import cell as checks_cell
     from modalign.analysis.metrics import HEADLINE, larger_is_better
 
     where = parse_where(args.where)
@@ -560,7 +561,7 @@ def cmd_runs(args) -> int:
         table.add_column(col, justify="right" if col in columns or col in ("steps", "wall s") else "left")
     for r in records:
         s = r.summary or {}
-        cells = [r.path.name, r.status, _checks_cell(r.info.get("checks")), str(r.field("data.name") or ""),
+        cells = [r.path.name, r.status, checks_cell(r.info.get("checks")).split(":")[0], str(r.field("data.name") or ""),
                  str(r.field("encoder.kind") or ""),
                  str(r.field("head.kind") or r.field("fusion.kind") or ""), str(s.get("steps", ""))]
         for m in columns:
@@ -570,15 +571,6 @@ def cmd_runs(args) -> int:
         table.add_row(*cells)
     _console().print(table)
     return 0
-
-
-def _checks_cell(checks) -> str:
-    """`modalign runs`' checks column: pass, or how many failed / warned."""
-    if not checks:
-        return ""
-    fail = sum(c.get("status") == "fail" for c in checks)
-    warn = sum(c.get("status") == "warn" for c in checks)
-    return f"{fail} FAIL" if fail else f"{warn} warn" if warn else "pass"
 
 
 def cmd_sync(args) -> int:

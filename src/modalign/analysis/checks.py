@@ -37,6 +37,9 @@ def _check(name: str, phase: str, status: str, message: str, value=None, thresho
             "message": message}
 
 
+ON_FAIL = ("warn", "stop")  # checks.on_fail: what a failed "during" check does to a training run
+
+
 def validate(node) -> None:
     """The config group `checks`, checked before a run starts: one line naming a bad key or value."""
     from modalign.errors import UserError
@@ -46,6 +49,10 @@ def validate(node) -> None:
     if not isinstance(node, dict):
         raise UserError(f"config: 'checks' must be a config section (a mapping), got {node!r}")
     for key, values in node.items():
+        if key == "on_fail":
+            if values not in ON_FAIL:
+                raise UserError(f"config: 'checks.on_fail'={values!r} must be one of {', '.join(ON_FAIL)}")
+            continue
         if key not in DEFAULTS:
             raise UserError(f"config: unknown check 'checks.{key}' (known: {', '.join(DEFAULTS)})")
         if not isinstance(values, dict):
@@ -95,6 +102,19 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
     if base is not None:
         checks.append(base)
     return checks
+
+
+def decision_step(cfg: dict | None) -> int:
+    """The step at which the "during" checks are decided while training: the end of loss_falls'
+    window (checks.loss_falls.within of trainer.max_steps)."""
+    st = settings_of(cfg)
+    max_steps = int((((cfg or {}).get("trainer") or {}).get("max_steps")) or 1)
+    return max(2, int(float(st["loss_falls"]["within"]) * max_steps))
+
+
+def during(info: dict, cfg: dict | None, rows: list[dict]) -> list[dict]:
+    """The "during" checks on the curves so far (conclusive from decision_step on)."""
+    return [c for c in evaluate(info, cfg, rows, None) if c["phase"] == "during"]
 
 
 def _optim_groups(cfg: dict) -> dict[str, dict]:
@@ -204,6 +224,15 @@ def verdict(checks: list[dict]) -> str:
     """fail if any check failed, else warn if any warned, else pass."""
     statuses = {c["status"] for c in checks}
     return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
+
+
+def cell(checks: list[dict] | None) -> str:
+    """A table cell: pass, `2 warn`, or `1 FAIL: loss_falls`; empty for a run without checks."""
+    if not checks:
+        return ""
+    failed = [c["name"] for c in checks if c.get("status") == "fail"]
+    warned = sum(c.get("status") == "warn" for c in checks)
+    return f"{len(failed)} FAIL: {', '.join(failed)}" if failed else f"{warned} warn" if warned else "pass"
 
 
 def lines(checks: list[dict]) -> list[str]:

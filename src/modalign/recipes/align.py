@@ -300,8 +300,11 @@ class AlignRecipe:
             # configuration leaves out (e.g. the SigLIP bias under CLIP, a frozen encoder)
             ddp = DistributedDataParallel(self.model, find_unused_parameters=True,
                                           device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        from modalign.recipes.launch import watcher
+
         self.trainer = Trainer(self.model, self.objective, opt, sched, self.sampler,
-                               lambda: self.evaluate("val").metrics, t, [self.writer], describe=describe,
+                               lambda: self.evaluate("val").metrics, t, [self.writer, watcher(self.cfg, self.writer)],
+                               describe=describe,
                                progress=progress, ddp=ddp, device=self.device, world_size=world.size)
         self._write_provenance()
 

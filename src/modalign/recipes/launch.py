@@ -26,6 +26,14 @@ def recipe_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def watcher(cfg, writer):
+    """The health checks watched while the run trains (modalign.runs.watch), a sink beside its writer."""
+    from modalign.recipes.config import to_container
+    from modalign.runs.watch import ChecksWatcher
+
+    return ChecksWatcher(to_container(cfg, ""), writer.run.info)
+
+
 def single_process_trainer(recipe, name: str, describe: dict, evaluate):
     """The optimizer, schedule, sampler, resume payload and Trainer of a single-process recipe
     (autoencode, fuse), reporting to its run writer. `recipe` has cfg, writer, model, objective,
@@ -44,8 +52,9 @@ def single_process_trainer(recipe, name: str, describe: dict, evaluate):
     recipe.writer.open_metrics(keep_until_step=keep)  # a resumed run keeps its points up to last.pt
     progress = TrainProgress(f"{name} {recipe.writer.path.name[:36]}", t.monitor.removeprefix("val/")) \
         if recipe.show_progress else None
-    trainer = Trainer(recipe.model, recipe.objective, opt, sched, sampler, evaluate, t, [recipe.writer],
-                      describe=describe, progress=progress, device=recipe.device)
+    trainer = Trainer(recipe.model, recipe.objective, opt, sched, sampler, evaluate, t,
+                      [recipe.writer, watcher(recipe.cfg, recipe.writer)], describe=describe, progress=progress,
+                      device=recipe.device)
     return sampler, resume, trainer
 
 
@@ -222,6 +231,7 @@ def execute(cfg, writer, quiet: bool, keep_failed: bool = False, world=None):
     """Run the recipe into `writer`'s run; keep run.json's status honest. -> (exit code, summary or
     None; None on ranks > 0, which write nothing)."""
     from modalign.runs.rundir import read_json
+    from modalign.runs.watch import CheckFailed
     from modalign.train.checkpoint import CheckpointWriteError
     from modalign.train.distributed import SINGLE
     from modalign.train.loop import STOP, Preempted
@@ -262,6 +272,11 @@ def execute(cfg, writer, quiet: bool, keep_failed: bool = False, world=None):
         log.error("%s", e)
         print(f"modalign: {e}; continue with: modalign train resume={writer.path}", file=sys.stderr)
         return 143, None  # 128 + SIGTERM, as a killed process would report
+    except CheckFailed as e:  # checks.on_fail=stop: a health check failed while training
+        writer.set_status("failed", str(e))
+        writer.finish_sinks("failed")
+        print(f"modalign: {e}; the run stopped (run.log has the curves so far; docs/checks.md)", file=sys.stderr)
+        return 1, None
     except CheckpointWriteError as e:  # e.g. no space left: resumable once there is room again
         writer.set_status("interrupted", str(e))
         writer.finish_sinks("interrupted")

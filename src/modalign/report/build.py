@@ -150,6 +150,12 @@ def collect(paths: list[Path], metric: str | None = None, baseline: str | None =
             why = "; ".join(mismatches(first[sets[0]], first[s]))
             rep.warnings.append(f"runs fall into {len(sets)} comparable sets; set {sets[0]} and set {s} are never "
                                 f"compared with each other: {why}")
+    failed = [(r, [c["name"] for c in r.info.get("checks") or [] if c.get("status") == "fail"]) for r in records]
+    failed = [(r, names) for r, names in failed if names]
+    if failed:
+        shown = "; ".join(f"{r.path.name} ({', '.join(names)})" for r, names in failed[:5])
+        rep.warnings.append(f"{len(failed)} of {len(records)} runs failed a health check: {shown}"
+                            + (" ..." if len(failed) > 5 else "") + "; `modalign check RUN` shows why (docs/checks.md)")
     _verdicts(rep, n_resamples, random_state)
     rep.recommendations, rep.comparisons = recommend(groups, chosen, mode_max, baseline, n_resamples, random_state)
     _variants(rep)
@@ -256,6 +262,8 @@ def _relative_verdicts(rep: Report, m: str, n_resamples: int, random_state: int)
 # tables ----------------------------------------------------------------------------------------
 def runs_table(rep: Report) -> pd.DataFrame:
     """One row per run (and per sweep job that left no run directory)."""
+    from modalign.analysis.checks import cell as checks_cell
+
     label = {id(r): g.label for g in rep.groups for r in g.runs}
     cset = {id(r): g.comparable_set for g in rep.groups for r in g.runs}
     params = sorted({k for g in rep.groups for k in g.params})
@@ -266,7 +274,8 @@ def runs_table(rep: Report) -> pd.DataFrame:
         p = r.info.get("params") or {}
         row = {"run": rep.display(r), "group": label.get(id(r), ""), "set": cset.get(id(r), ""),
                **{k: param_of.get(id(r), {}).get(k) for k in params},
-               "seed": r.info.get("seed"), "status": r.status, "error": r.info.get("error"),
+               "seed": r.info.get("seed"), "status": r.status, "checks": checks_cell(r.info.get("checks")),
+               "error": r.info.get("error"),
                "variant": (r.info.get("variant") or {}).get("name"),
                "steps": s.get("steps"), "wall_seconds": s.get("wall_seconds"),
                "params_total": p.get("total"), "params_trainable": p.get("trainable")}
@@ -332,6 +341,7 @@ def write_report(rep: Report, out: Path, quiet: bool = True) -> Path:
         "runs": [{"run": rep.display(r), "path": str(r.path), "status": r.status, "error": r.info.get("error"),
                   "seed": r.info.get("seed"), "overrides": r.overrides, "variant": r.info.get("variant"),
                   "params": r.info.get("params"), "wall_seconds": (r.summary or {}).get("wall_seconds"),
+                  "checks": r.info.get("checks"),
                   "metrics": (r.summary or {}).get("metrics", {})} for r in rep.records] + rep.missing,
         "verdicts": rep.verdicts, "recommendations": rep.recommendations, "comparisons": rep.comparisons,
         "variants": rep.variants, "registers": rep.registers}))

@@ -54,12 +54,14 @@ def group_rows(rep, groups: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 def run_rows(rep, runs: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     metric_cols = [f"{m} final" for m in rep.metrics if f"{m} final" in runs]
-    head = ["run", "group", "seed", "status"] + [c.removesuffix(" final") for c in metric_cols] + ["wall s", "error"]
+    head = ["run", "group", "seed", "status", "checks"] + [c.removesuffix(" final") for c in metric_cols] + ["wall s", "error"]
     rows = []
     for _, r in runs.iterrows():
         seed = r.get("seed")
+        checks = r.get("checks")
         rows.append([str(r["run"]), str(r.get("group") or ""), "" if pd.isna(seed) else str(int(seed)),
-                     str(r["status"])] + [_num(r[c]) for c in metric_cols]
+                     str(r["status"]), "" if checks is None or pd.isna(checks) else str(checks)]
+                    + [_num(r[c]) for c in metric_cols]
                     + [_num(r.get("wall_seconds"), 0), "" if pd.isna(r.get("error")) else str(r.get("error"))])
     return head, rows
 
