@@ -7,10 +7,12 @@ array must be seen (validation, fingerprints, conversion). Rows come back in the
 (int64 for ids, float32 for features), so every byte a fingerprint hashes is the byte the
 in-memory NPZ path hashes: a data set converted from NPZ to HDF5 keeps its fingerprints.
 
-Backends: `NpyBackend` (np.load(mmap_mode="r")), `H5Backend` (h5py dataset), `ParquetBackend`
-(row groups of a pyarrow column, a bounded cache of decoded groups). Each opens its file on first
-read in the process that reads (so a DiskArray pickles and forks), and reads under a lock (the
-prefetch thread and an evaluation may read at once).
+Backends: `RowsBackend` (rows stored contiguously at an offset: an .npy file, an uncompressed HDF5
+dataset; read with os.preadv, announced ahead with posix_fadvise), `H5Backend` (h5py, for chunked
+or compressed datasets), `ParquetBackend` (row groups of a pyarrow column, a bounded cache of
+decoded groups). Each opens its file on first read in the process that reads (so a DiskArray
+pickles and forks); the h5py and Parquet ones read under a lock (the prefetch thread and an
+evaluation may read at once).
 """
 
 from __future__ import annotations

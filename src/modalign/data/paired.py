@@ -206,10 +206,15 @@ class PairedData:
             i = int(np.flatnonzero(bad)[0])
             raise UserError(f"{src}: 'lengths' of sample '{self.ids[i]}' is {int(self.lengths[i])}, outside 1..{T}")
         key = self._disk_key("validated")
-        if key is None or arrays.cache_get(key) is None:  # on-disk arrays: one streamed pass per file version
+        cached = arrays.cache_get(key) if key is not None else None
+        if cached is None:  # on-disk arrays: one streamed pass per file version
             _check_values(self)
-            if key is not None:
-                arrays.cache_put(key, "ok")
+            if key is not None:  # with the largest token id, which vocab_size would stream the ids again for
+                ids = self.tokens_id
+                cached = "ok" + (f" {ids._stats['max']}" if arrays.is_lazy(ids) and "max" in ids._stats else "")
+                arrays.cache_put(key, cached)
+        elif arrays.is_lazy(self.tokens_id) and len(cached.split()) == 2:
+            self.tokens_id._stats["max"] = int(cached.split()[1])
         if self.tokens_id is not None and self.vocab is not None and arrays.array_max(self.tokens_id) >= len(self.vocab):
             raise UserError(f"{src}: 'tokens_id' has id {arrays.array_max(self.tokens_id)} but the vocabulary "
                             f"has {len(self.vocab)} entries")
@@ -254,7 +259,9 @@ def _check_values(data: PairedData) -> None:
                 raise UserError(f"{src}: '{key}' has {count} (NaN/Inf), first in sample "
                                 f"'{data.ids[start + first[0]]}' at index {tuple(int(i) for i in first[1:])}")
     if data.tokens_id is not None:
+        largest = 0
         for start, chunk in arrays.chunks(data.tokens_id):
+            largest = max(largest, int(chunk.max()) if chunk.size else 0)
             if (chunk < 0).any():
                 i = start + int(np.argwhere(chunk < 0)[0][0])
                 raise UserError(f"{src}: 'tokens_id' has negative ids (sample '{data.ids[i]}'); ids start at 1, 0 is padding")
@@ -265,6 +272,8 @@ def _check_values(data: PairedData) -> None:
                 i = start + int(np.argwhere(zero)[0][0])
                 raise UserError(f"{src}: 'tokens_id' has id 0 (padding) inside the length of sample "
                                 f"'{data.ids[i]}'; ids start at 1")
+        if arrays.is_lazy(data.tokens_id):
+            data.tokens_id._stats["max"] = largest  # this pass saw every id: array_max need not read them again
 
 
 def _check_kind(src: str, key: str, arr: np.ndarray, kinds: str, ndim: int) -> None:
