@@ -29,7 +29,7 @@ def _groups_epilog() -> str:
     """The config groups and their options, read from the package's conf/ folder (no Hydra import)."""
     conf = Path(__file__).resolve().parent / "conf"
     lines = ["config groups (choose with GROUP=OPTION; set values with GROUP.KEY=VALUE):"]
-    for g in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
+    for g in sorted(p for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name != "plan"):
         options = sorted(f.stem for f in g.glob("*.yaml"))
         if options:
             lines.append(f"  {g.name:<10} {', '.join(options)}")
@@ -151,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "slower to read")
     cv.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    pl = sub.add_parser("plan", help="phased plans: modalign plan run|status|graph|report NAME",
+                        epilog="shipped plans: " + ", ".join(sorted(x.stem for x in (Path(__file__).resolve().parent
+                                                                                     / "conf" / "plan").glob("*.yaml")))
+                               + "; a plan file's format: docs/plans.md")
+    psub = pl.add_subparsers(dest="plan_command", parser_class=_Parser, required=True)
+    pr = psub.add_parser("run", help="run a plan (again: completed jobs are reused, interrupted ones resume)")
+    pr.add_argument("plan", help="a shipped plan's name (align_study) or a plan file")
+    pr.add_argument("--jobs", "-j", type=int, default=None,
+                    help="jobs at once on this machine (at most one per core; default: the plan's jobs:, else 1)")
+    pr.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    pr.add_argument("overrides", nargs="*", help="config overrides for every job, e.g. trainer.max_steps=60")
+    ps = psub.add_parser("status", help="phases, jobs, gates and triggers of a plan that runs or ran")
+    ps.add_argument("plan", help="the plan directory (outputs/plans/NAME) or the plan's name")
+    pg = psub.add_parser("graph", help="print a plan's DAG (and draw it with --out FILE.png)")
+    pg.add_argument("plan", help="a shipped plan's name or a plan file")
+    pg.add_argument("--out", metavar="FILE.png", help="also draw the graph into this PNG")
+    pp = psub.add_parser("report", help="write a plan's report again from its directory")
+    pp.add_argument("plan", help="the plan directory (outputs/plans/NAME) or the plan's name")
+
     y = sub.add_parser("sync", help="push run directories into a tracking sink: modalign sync RUN|SWEEP|ROOT --to mlflow",
                        epilog="options per sink: tensorboard.dir=tb, mlflow.uri=sqlite:///PATH mlflow.experiment=NAME, "
                               "wandb.mode=offline|online wandb.project=NAME wandb.entity=NAME (docs/tracking.md)")
@@ -166,11 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        if argv[:1] == ["sync"]:  # its SINK.KEY=VALUE options may also follow --to
+        if argv[:1] == ["sync"] or argv[:2] == ["plan", "run"]:  # KEY=VALUE may also follow an option
             args, extra = parser.parse_known_args(argv)
             if any(e.startswith("-") for e in extra):
-                raise UserError(f"sync: unrecognized arguments: {' '.join(extra)} (see modalign sync --help)")
-            args.options = [*args.options, *extra]
+                cmd = " ".join(argv[:2] if argv[0] == "plan" else argv[:1])
+                raise UserError(f"{cmd}: unrecognized arguments: {' '.join(extra)} (see modalign {cmd} --help)")
+            if argv[0] == "sync":
+                args.options = [*args.options, *extra]
+            else:
+                args.overrides = [*args.overrides, *extra]
         else:
             args = parser.parse_args(argv)
         if args.version:
@@ -183,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
                 "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs,
-                "sync": cmd_sync, "serve": cmd_serve, "convert": cmd_convert, "check": cmd_check}[args.command](args)
+                "sync": cmd_sync, "serve": cmd_serve, "convert": cmd_convert, "check": cmd_check,
+                "plan": cmd_plan}[args.command](args)
     except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
         print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
@@ -500,6 +524,52 @@ def cmd_check(args) -> int:
                       c["message"])
     _console().print(table)
     return 1 if verdict(checks) == "fail" else 0
+
+
+# plan -------------------------------------------------------------------------------------------
+def cmd_plan(args) -> int:
+    """`modalign plan run|status|graph|report` (modalign.plans)."""
+    from modalign.plans.spec import load_plan
+
+    if args.plan_command == "graph":
+        from modalign.plans.report import graph_text, plot_graph
+
+        plan = load_plan(args.plan)
+        print(graph_text(plan))
+        if args.out:
+            out = Path(args.out)
+            if out.suffix.lower() != ".png":
+                raise UserError(f"plan graph --out {args.out}: give a .png file")
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"plan graph --out {args.out}: cannot write there ({e.strerror})") from None
+            print(f"graph: {plot_graph(plan, out)}")
+        return 0
+    if args.plan_command in ("status", "report"):
+        from modalign.plans.report import find_plan_dir, status_text, write_plan_report
+
+        plan_dir = find_plan_dir(args.plan)
+        if args.plan_command == "status":
+            print(status_text(plan_dir))
+        else:
+            print(write_plan_report(plan_dir))
+        return 0
+    from modalign.plans.executor import Executor
+
+    plan = load_plan(args.plan)
+    ex = Executor(plan, list(args.overrides), jobs=args.jobs or plan.jobs, quiet=args.quiet)
+    n = ex.check_all()
+    if ex.capped:
+        print(f"plan: --jobs {args.jobs} is more than the {ex.slots} cores here; running {ex.slots} at once",
+              file=sys.stderr)
+    if not args.quiet:
+        print(f"plan {plan.name}: {len(plan.phases)} phases, {n} jobs known before it starts; directory {ex.dir}; "
+              f"{ex.slots} at once, {ex.threads} threads each", file=sys.stderr)
+    code = ex.run()
+    if args.quiet:
+        print(ex.dir)
+    return code
 
 
 # convert ----------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def new_run(overrides: list[str], recipe: str):
     return start_run(check_resolved(resolved, overrides, recipe), overrides, recipe)
 
 
-RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience",
+RESUMABLE = {"trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.early_stop_patience", "trainer.early_stop_min_delta",
              "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.threads", "trainer.on_nonfinite",
              "trainer.max_nonfinite_skips", "env.device"}  # another device: equal to float tolerance (docs/reliability.md)
 

@@ -246,14 +246,10 @@ def _multirun(recipe: str, sweep_dir: Path, overrides: list[str], quiet: bool) -
 def sweep_job(cfg) -> float | None:
     """One job of the multirun, in its own run directory. Never raises: a failure is recorded in
     the job's run.json (status failed, error line) and the sweep goes on."""
-    import json
-    import shutil
-
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from modalign.recipes.config import to_container
-    from modalign.recipes.launch import check_resolved, execute, start_run
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -262,6 +258,22 @@ def sweep_job(cfg) -> float | None:
     with open_dict(cfg):
         cfg.pop("modalign_quiet", None)
     recipe = str(cfg.get("recipe", "align"))
+    run_job(out, recipe, overrides, quiet, lambda: to_container(cfg, ""))
+    return _metric(out, cfg)
+
+
+def run_job(out: Path, recipe: str, overrides: list[str], quiet: bool, resolve, info: dict | None = None,
+            resume_overrides: list[str] | None = None) -> str:
+    """One job in its own run directory `out` (a sweep's or a plan's): a completed run is kept as it
+    is, an interrupted one with a checkpoint is resumed, anything else starts again. `resolve()`
+    gives the job's resolved config; `info` is merged into run.json (a plan's {plan: ...}). Never
+    raises: a failure is recorded in the job's run.json (status failed, error line).
+    -> "reused" | "resumed" | "started"."""
+    import json
+    import shutil
+
+    from modalign.recipes.launch import check_resolved, execute, resume_run, start_run
+
     previous = None
     if (out / "run.json").exists():
         try:
@@ -269,23 +281,25 @@ def sweep_job(cfg) -> float | None:
         except ValueError:
             previous = None
     if previous is not None and previous.get("status") == "completed":
-        return _metric(out, cfg)  # resume: a completed job is not run again
+        return "reused"  # resume: a completed job is not run again
+    mode = "started"
     try:
         if previous is not None and (out / "checkpoints" / "last.pt").exists():
-            from modalign.recipes.launch import resume_run
-
-            run_cfg, writer = resume_run(str(out), [])
+            mode = "resumed"
+            run_cfg, writer = resume_run(str(out), list(resume_overrides or []))
         else:
             if out.exists():
                 shutil.rmtree(out)  # a job that failed before its first checkpoint starts again
-            resolved = check_resolved(to_container(cfg, ""), overrides, recipe)
+            resolved = check_resolved(resolve(), overrides, recipe)
             run_cfg, writer = start_run(resolved, overrides, recipe, path=out)
+        if info:
+            writer.update(**info)
         execute(run_cfg, writer, quiet, keep_failed=True)
     except UserError as e:
         _record_failure(out, overrides, recipe, str(e))
     except Exception as e:  # noqa: BLE001 — a bug in one job must not stop the sweep
         _record_failure(out, overrides, recipe, f"{type(e).__name__}: {e}")
-    return _metric(out, cfg)
+    return mode
 
 
 def _record_failure(out: Path, overrides: list[str], recipe: str, error: str) -> None:

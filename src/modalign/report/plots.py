@@ -16,7 +16,11 @@ from modalign.report.figures import _plt
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    import warnings
+
+    with warnings.catch_warnings():  # long group labels: the layout does what it can, said once is enough
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     _plt().close(fig)
     return path

@@ -28,7 +28,8 @@ class RunRecord:
         """A test metric by name ("m2t_R@1" or "test/m2t_R@1"), or None."""
         if self.summary is None:
             return None
-        split, _, leaf = name.rpartition("/") if name.startswith(("test/", "val/", "train/")) else ("test", "", name)
+        split, leaf = next(((p[:-1], name[len(p):]) for p in ("test/", "val/", "train/") if name.startswith(p)),
+                           ("test", name))  # test/retention/exact_match: the leaf keeps its own slash
         if split == "test" and leaf in self.summary.get("test", {}):
             return self.summary["test"][leaf]
         entry = self.summary.get("metrics", {}).get(f"{split}/{leaf}")

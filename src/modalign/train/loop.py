@@ -42,6 +42,7 @@ class TrainerConfig(Options):
     monitor: str = "val/m2t_R@1"  # metric that picks best.pt and drives early stopping
     monitor_mode: str = "max"  # max | min
     early_stop_patience: int = 0  # validation passes without improvement before stopping; 0 = off
+    early_stop_min_delta: float = 0.0  # an improvement smaller than this counts as none (for patience; best.pt takes any)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip the step
     max_nonfinite_skips: int = 10  # skip: stop anyway after this many skipped steps (a run that diverged)
@@ -51,6 +52,7 @@ class TrainerConfig(Options):
                           ("log_every", 1), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("grad_clip", 0),
                           ("threads", 0), ("early_stop_patience", 0), ("max_nonfinite_skips", 0)):
             at_least(self, name, low)
+        at_least(self, "early_stop_min_delta", 0)
         one_of(self, "precision", ("auto", "fp32", "bf16", "fp16"))
         one_of(self, "monitor_mode", ("max", "min"))
         one_of(self, "on_nonfinite", ("stop", "skip"))
@@ -94,11 +96,15 @@ STOP = threading.Event()
 @dataclass
 class EarlyStopping:
     """Tracks the monitored validation metric: the best value and step, and the validation passes
-    since it last improved. patience 0 never stops."""
+    since it last improved by more than `min_delta` (a plateau: patience passes without such an
+    improvement). Any improvement is a new best (best.pt); only one above min_delta resets the
+    patience count. patience 0 never stops."""
     mode: str = "max"
     patience: int = 0
+    min_delta: float = 0.0
     best: float | None = None
     best_step: int | None = None
+    ref: float | None = None  # the value of the last improvement above min_delta
     bad_evals: int = 0
     stopped: bool = False
 
@@ -106,7 +112,10 @@ class EarlyStopping:
         """-> True when `value` is a new best (the caller then keeps best.pt)."""
         improved = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if improved:
-            self.best, self.best_step, self.bad_evals = value, step, 0
+            self.best, self.best_step = value, step
+        gain = None if self.ref is None else (value - self.ref if self.mode == "max" else self.ref - value)
+        if gain is None or gain > self.min_delta:
+            self.ref, self.bad_evals = value, 0
         else:
             self.bad_evals += 1
         self.stopped = self.patience > 0 and self.bad_evals >= self.patience
@@ -114,10 +123,11 @@ class EarlyStopping:
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "stopped_early": self.stopped}
+                "stopped_early": self.stopped, "plateau_ref": self.ref}
 
     def load_state_dict(self, s: dict) -> None:
         self.best, self.best_step, self.bad_evals = s["best"], s["best_step"], int(s["bad_evals"])
+        self.ref = s.get("plateau_ref", s["best"])  # checkpoints from before min_delta: the best
         self.stopped = bool(s.get("stopped_early", False))
 
 
@@ -158,7 +168,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.precision = resolve_precision(cfg.precision, self.device)
         self.scaler = grad_scaler(self.device, self.precision)
-        self.early = EarlyStopping(cfg.monitor_mode, cfg.early_stop_patience)
+        self.early = EarlyStopping(cfg.monitor_mode, cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.nonfinite = NonFinitePolicy(cfg.on_nonfinite, cfg.max_nonfinite_skips)
         self.step = 0
         self.last_saved: int | None = None  # step of the last last.pt handed to the sinks
