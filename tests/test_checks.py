@@ -125,7 +125,7 @@ def test_temperature_pinned_at_its_clamp_warns_and_a_baseline_is_beaten_in_the_m
         checks = evaluate(info, cfg, rows, summary)
         base = next(c for c in checks if c["name"] == "beats_baseline")
         assert base["status"] == status and verdict(checks) == ("fail" if status == "fail" else "warn"), (metric, value)
-    with pytest.raises(UserError, match="needs both metric and value"):
+    with pytest.raises(UserError, match="needs a metric and a value or a run"):
         validate({"baseline": {"metric": "m2t_R@1", "value": None}})
 
 
@@ -156,3 +156,62 @@ def test_the_report_flags_a_run_that_failed_a_check(tiny_run, tmp_path, cache_di
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert {r["path"].rsplit("/", 1)[-1]: any(c["status"] == "fail" for c in r["checks"]) for r in summary["runs"]} == \
         {good.name: False, bad.name: True}
+
+
+def _val(name: str, values: list[float]) -> list[dict]:
+    return [{"step": 10 * (i + 1), "split": "val", "name": name, "value": v} for i, v in enumerate(values)]
+
+
+def test_stage3_checks_gates_that_never_move_a_soft_token_scale_off_and_generic_captions():
+    info = {"params": {"trainable_by_component": {"adapter": 10, "projector": 10},
+                       "by_component": {"adapter": 10, "projector": 10}}, "eval": {"split": "test"}}
+    cfg = {"trainer": {"max_steps": 40, "optim": {"adapter": {"lr": 5e-4}, "projector": {"lr": 1e-3}}}}
+    train = _rows("loss", [4.0, 3.0, 2.0]) + _rows("grad_norm/adapter", [1.0, 0.5, 0.2]) + \
+        _rows("grad_norm/projector", [1.0, 0.5, 0.2])
+    stuck = _val("gate/alpha_8", [0.3, 0.3, 0.3]) + _val("gate/alpha_16", [0.3, 0.3, 0.30001])
+    moving = _val("gate/alpha_8", [0.3, 0.31, 0.35])
+    caps = ["the person cooks in the kitchen", "the person sleeps in the bedroom", "the person cooks dinner"]
+
+    def run(val, ratio, preds, **over):
+        c = {**cfg, "checks": over} if over else cfg
+        return {x["name"]: x for x in evaluate(info, c, train + val + _val("soft_norm_ratio", ratio), None, preds)}
+
+    got = run(stuck, [1.1, 0.9], ["the person is at home"] * 3)
+    assert got["gates_move"]["status"] == "fail" and "no gate moved by 0.0001" in got["gates_move"]["message"]
+    assert got["norm_ratio"]["status"] == "pass" and got["norm_ratio"]["value"] == 0.9
+    assert got["generic_captions"]["status"] == "fail" and "1 different captions of 3" in got["generic_captions"]["message"]
+    got = run(moving, [1.0, 6.0], caps)
+    assert got["gates_move"]["status"] == "pass" and got["gates_move"]["value"] == pytest.approx(0.05)
+    assert got["norm_ratio"]["status"] == "fail" and "outside [0.25, 4]" in got["norm_ratio"]["message"]
+    assert got["generic_captions"]["status"] == "pass"
+    # thresholds are the run's: a stricter distinct-2 turns the same captions generic
+    got = run(moving, [1.0], caps, generic_captions={"min_distinct": 0.9}, norm_ratio={"high": 8.0})
+    assert got["generic_captions"]["status"] == "fail" and got["norm_ratio"]["status"] == "pass"
+    # a recipe without gates or soft tokens (align) has neither check; adapters kept fixed (lr 0) neither
+    plain = {x["name"] for x in evaluate(info, cfg, train, None)}
+    assert not plain & {"gates_move", "norm_ratio", "generic_captions"}
+    frozen = {**cfg, "trainer": {**cfg["trainer"], "optim": {"adapter": {"lr": 0}, "projector": {"lr": 1e-3}}}}
+    assert "gates_move" not in {x["name"] for x in evaluate(info, frozen, train + stuck, None)}
+
+
+def test_a_baseline_run_gives_its_metric_and_a_config_diff(tiny_run, tmp_path, cache_dir):
+    import yaml
+
+    info = json.loads((tiny_run / "run.json").read_text())
+    cfg = yaml.safe_load((tiny_run / "cfg.yaml").read_text())
+    mine = {**cfg, "trainer": {**cfg["trainer"], "max_steps": cfg["trainer"]["max_steps"] + 5},
+            "checks": {"baseline": {"metric": "m2t_R@1", "run": str(tiny_run)}}}
+    theirs = json.loads((tiny_run / "facts" / "summary.json").read_text())["test"]["m2t_R@1"]
+    got = {c["name"]: c for c in evaluate(info, mine, [], {"test": {"m2t_R@1": theirs + 0.1}})}
+    assert got["config_vs_baseline"]["phase"] == "before"
+    assert "1 keys differ from the baseline run" in got["config_vs_baseline"]["message"]
+    assert got["config_vs_baseline"]["value"] == {"trainer.max_steps": [cfg["trainer"]["max_steps"],
+                                                                         cfg["trainer"]["max_steps"] + 5]}
+    assert got["beats_baseline"]["status"] == "pass" and got["beats_baseline"]["threshold"] == theirs
+    # the same comparison from the command line, between the run and overrides of another config
+    p = run_cli(["diff-config", str(tiny_run), str(tiny_run)], tmp_path, cache_dir)
+    assert p.returncode == 0 and "same configuration" in p.stdout, p.stderr
+    p = run_cli(["diff-config", "head=linear", "head=mlp trainer.max_steps=300"], tmp_path, cache_dir)
+    assert p.returncode == 1 and "head.kind" in p.stdout and "trainer.max_steps" in p.stdout and "300" in p.stdout
+    p = run_cli(["diff-config", str(tmp_path / "nope"), "x"], tmp_path, cache_dir)
+    assert p.returncode == 2 and "not overrides (KEY=VALUE" in p.stderr and "Traceback" not in p.stderr

@@ -224,3 +224,35 @@ def test_align_study_killed_with_sigkill_and_rerun_reuses_every_completed_job(tm
     assert (report / "summary.json").read_text() == first
     status = run_cli(["plan", "status", str(out / "plans" / "align_study")], tmp_path, cache_dir)
     assert status.returncode == 0 and "statistics     completed" in status.stdout
+
+
+def test_a_plan_runs_its_jobs_through_submitit_with_the_sweeps_launcher_config(tmp_path, cache_dir):
+    f = _write(tmp_path, "sub", {"name": "sub", "overrides": ["data.n_train=256", *SMALL, "trainer.max_steps=4",
+                                                            "trainer.eval_every=2"],
+                                 "phases": {"one": {"runs": {"r": {}}}}})
+    out = tmp_path / "out"
+    res = run_cli(["plan", "run", str(f), "hydra/launcher=submitit_local", f"outputs={out}"], tmp_path, cache_dir)
+    assert res.returncode == 0, res.stderr[-2000:]
+    st = _state(out, "sub")
+    (job,) = st["jobs"].values()
+    assert job["status"] == "completed" and job["launches"][0]["where"].startswith("submitit_local job ")
+    assert (out / "plans" / "sub" / ".submitit").is_dir()  # the job really went through submitit
+    assert not any("hydra/launcher" in o for o in job["overrides"])  # the launcher is the executor's business
+    assert json.loads((Path(job["dir"]) / "run.json").read_text())["plan"]["id"] == "sub"
+
+
+@pytest.mark.slow
+def test_fuse_study_runs_end_to_end_at_test_size(tmp_path, cache_dir, tiny_lm):
+    """The shipped stage-3 plan with a tiny random LM and a few steps: every phase runs; the tiny LM's
+    validation CIDEr-D stays flat, so the plateau trigger of the fused run starts SCST from it."""
+    out = tmp_path / "out"
+    res = run_cli(["plan", "run", "fuse_study", f"outputs={out}", f"lm.path={tiny_lm}", "trainer.max_steps=8",
+                   "trainer.eval_every=2", "data.n_val=16", "data.n_test=16", "eval.val_samples=4",
+                   "decode.max_new_tokens=6", "eval.meteor=false"], tmp_path, cache_dir, timeout=1800)
+    st = _state(out, "fuse_study")
+    assert {p: s["status"] for p, s in st["phases"].items()} == {p: "completed" for p in st["phases"]}, res.stderr[-3000:]
+    assert res.returncode == 0
+    assert st["triggers"]["core.scst"]["status"] == "fired"
+    scst = next(j for j in st["jobs"].values() if j["step"] == "scst")
+    assert "loss=scst" in scst["overrides"] and scst["parent"].endswith(Path(scst["parent"]).name)
+    assert (out / "plans" / "fuse_study" / "report" / "statistics" / "statistics" / "index.html").exists()

@@ -151,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "slower to read")
     cv.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    dc = sub.add_parser("diff-config", help="what differs between two configs or runs: modalign diff-config A B",
+                        epilog="A and B: run directories, config YAML files (a run's cfg.yaml), or quoted overrides "
+                               "composed like modalign train ('head=linear trainer.max_steps=300'); exit 0 when they "
+                               "are the same, 1 when they differ")
+    dc.add_argument("a", help="a run directory, a config file, or overrides")
+    dc.add_argument("b", help="the same for the other side")
+    dc.add_argument("--recipe", default="align", choices=["align", "autoencode", "fuse"],
+                    help="the recipe that overrides are composed for (default align)")
+    dc.add_argument("--all", action="store_true", help="also bookkeeping keys (seed, outputs, threads, ...)")
+
     pl = sub.add_parser("plan", help="phased plans: modalign plan run|status|graph|report NAME",
                         epilog="shipped plans: " + ", ".join(sorted(x.stem for x in (Path(__file__).resolve().parent
                                                                                      / "conf" / "plan").glob("*.yaml")))
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"demo": cmd_demo, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval,
                 "report": cmd_report, "compare": cmd_compare, "variants": cmd_variants, "runs": cmd_runs,
                 "sync": cmd_sync, "serve": cmd_serve, "convert": cmd_convert, "check": cmd_check,
-                "plan": cmd_plan}[args.command](args)
+                "plan": cmd_plan, "diff-config": cmd_diff_config}[args.command](args)
     except UserError as e:  # one line, whatever the message holds (an id may contain a line break)
         print("modalign: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
@@ -489,7 +499,7 @@ def cmd_check(args) -> int:
     import yaml
     from rich.table import Table
 
-    from modalign.analysis.checks import evaluate, validate, verdict
+    from modalign.analysis.checks import evaluate, read_predictions, validate, verdict
     from modalign.runs.rundir import RunDir, read_json
 
     run = Path(args.run)
@@ -513,7 +523,9 @@ def cmd_check(args) -> int:
     cfg = {**(cfg or {}), "checks": checks_cfg}
     rd = RunDir(run)
     summary_path = rd.facts / "summary.json"
-    checks = evaluate(rd.info(), cfg, rd.read_metrics(), read_json(summary_path) if summary_path.exists() else None)
+    info = rd.info()
+    checks = evaluate(info, cfg, rd.read_metrics(), read_json(summary_path) if summary_path.exists() else None,
+                      read_predictions(run, info))
     table = Table(title=f"checks of {run.name}: {verdict(checks)}")
     for col in ("phase", "check", "status", "value", "threshold", "message"):
         table.add_column(col)
@@ -524,6 +536,58 @@ def cmd_check(args) -> int:
                       c["message"])
     _console().print(table)
     return 1 if verdict(checks) == "fail" else 0
+
+
+# diff-config ------------------------------------------------------------------------------------
+def _config_of(spec: str, recipe: str) -> tuple[dict, str]:
+    """A resolved config from a run directory, a YAML file, or overrides. -> (config, what it is)."""
+    import yaml
+
+    p = Path(spec)
+    f = p / "cfg.yaml" if p.is_dir() else p
+    if p.is_dir() and not f.exists():
+        raise UserError(f"diff-config: {spec}: a directory without cfg.yaml (not a run directory)")
+    if f.is_file():
+        try:
+            cfg = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"diff-config: {f}: not readable YAML ({' '.join(str(e).split())[:120]})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"diff-config: {f}: not a config (a YAML mapping)")
+        return cfg, str(f)
+    if "=" not in spec:
+        raise UserError(f"diff-config: {spec}: no such run directory or file, and not overrides (KEY=VALUE ...)")
+    from modalign.recipes.config import compose, to_container
+    from modalign.recipes.launch import root_config
+
+    return to_container(compose(spec.split(), root_config(recipe)), "", throw_on_missing=False), f"{recipe} {spec}"
+
+
+def cmd_diff_config(args) -> int:
+    """Two configs side by side: every key whose value differs (bookkeeping left out unless --all)."""
+    from rich.table import Table
+
+    from modalign.analysis.comparability import config_diff
+    from modalign.runs.card import flatten
+
+    a, what_a = _config_of(args.a, args.recipe)
+    b, what_b = _config_of(args.b, args.recipe)
+    if args.all:
+        fa, fb = flatten(a), flatten(b)
+        diff = {k: {"A": fa.get(k), "B": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+    else:
+        diff = config_diff({"A": a, "B": b})
+    if not diff:
+        print(f"same configuration: {what_a} and {what_b}" + ("" if args.all else " (bookkeeping keys not compared; --all)"))
+        return 0
+    table = Table(title=f"{len(diff)} keys differ")
+    table.add_column("key")
+    table.add_column(f"A: {what_a}", overflow="fold")
+    table.add_column(f"B: {what_b}", overflow="fold")
+    for k, v in diff.items():
+        table.add_row(k, "—" if v.get("A") is None else str(v.get("A")), "—" if v.get("B") is None else str(v.get("B")))
+    _console().print(table)
+    return 1
 
 
 # plan -------------------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1
                                   at some logged step
     temperature_free      during  the learned temperature is not pinned at its clamp (contrastive)
     no_nonfinite_steps    during  no step was skipped for a non-finite loss or gradient
+    gates_move            during  (fuse, gated fusion) some gate moved from its initial value
+    norm_ratio            during  (fuse) the soft tokens' norm over the LM's token-embedding norm
+                                  stays within [low, high] at the last evaluation
     beats_baseline        after   the headline metric against checks.baseline.value (when set)
+    generic_captions      after   (fuse) the test captions are not all the same: distinct-n (unique
+                                  n-grams over all n-grams) at least min_distinct
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from modalign.analysis.metrics import larger_is_better
 DEFAULTS: dict[str, dict[str, Any]] = {
     "loss_falls": {"within": 0.5, "min_drop": 0.05},
     "temperature_free": {"margin": 0.02, "last": 3},
-    "baseline": {"metric": None, "value": None},
+    "baseline": {"metric": None, "value": None, "run": None},
+    "gates_move": {"min_change": 1.0e-4},
+    "norm_ratio": {"low": 0.25, "high": 4.0},
+    "generic_captions": {"n": 2, "min_distinct": 0.1},
 }
 PHASES = ("before", "during", "after")
 
@@ -60,18 +68,19 @@ def validate(node) -> None:
         for name, value in values.items():
             if name not in DEFAULTS[key]:
                 raise UserError(f"config: unknown threshold 'checks.{key}.{name}' (known: {', '.join(DEFAULTS[key])})")
-            if key == "baseline" and name == "metric":
+            if key == "baseline" and name in ("metric", "run"):
                 if value is not None and not isinstance(value, str):
-                    raise UserError(f"config: 'checks.baseline.metric'={value!r} must be a metric name, e.g. m2t_R@1")
+                    what = "a metric name, e.g. m2t_R@1" if name == "metric" else "a run directory"
+                    raise UserError(f"config: 'checks.baseline.{name}'={value!r} must be {what}")
                 continue
             if value is None and key == "baseline":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise UserError(f"config: 'checks.{key}.{name}'={value!r} must be a number >= 0")
     base = node.get("baseline") or {}
-    if (base.get("metric") is None) != (base.get("value") is None):
-        raise UserError("config: 'checks.baseline' needs both metric and value (e.g. checks.baseline.metric=m2t_R@1 "
-                        "checks.baseline.value=0.18)")
+    if (base.get("metric") is None) != (base.get("value") is None and base.get("run") is None):
+        raise UserError("config: 'checks.baseline' needs a metric and a value or a run (e.g. "
+                        "checks.baseline.metric=m2t_R@1 checks.baseline.value=0.18, or checks.baseline.run=RUN_DIR)")
 
 
 def settings_of(cfg: dict | None) -> dict[str, dict[str, Any]]:
@@ -83,12 +92,15 @@ def settings_of(cfg: dict | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | None) -> list[dict]:
-    """Every check that applies to a run: run.json, its resolved config, metrics.jsonl rows and
-    facts/summary.json (None while it has none)."""
+def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | None,
+             predictions: list[str] | None = None) -> list[dict]:
+    """Every check that applies to a run: run.json, its resolved config, metrics.jsonl rows,
+    facts/summary.json (None while it has none) and, for a captioning run, its test captions."""
     st = settings_of(cfg)
     train = [r for r in rows if r.get("split") == "train"]
     checks = [_trainable_components(info, cfg or {})]
+    if st["baseline"].get("run"):
+        checks.append(_config_vs_baseline(cfg or {}, st["baseline"]["run"]))
     checks.append(_loss_falls(train, info, cfg or {}, st["loss_falls"]))
     checks.append(_gradients_flow(train, info, cfg or {}))
     temp = _temperature_free(train, cfg or {}, st["temperature_free"])
@@ -98,10 +110,89 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
     checks.append(_check("no_nonfinite_steps", "during", "warn" if skips else "pass",
                          f"{int(max(skips))} steps skipped for a non-finite loss or gradient" if skips
                          else "no step was skipped", value=int(max(skips)) if skips else 0, threshold=0))
+    val = [r for r in rows if r.get("split") == "val"]
+    for extra in (_gates_move(val, cfg or {}, st["gates_move"]), _norm_ratio(val, st["norm_ratio"])):
+        if extra is not None:
+            checks.append(extra)
     base = _beats_baseline(info, summary, st["baseline"])
     if base is not None:
         checks.append(base)
+    if predictions is not None:
+        checks.append(_generic_captions(predictions, st["generic_captions"]))
     return checks
+
+
+def read_predictions(run_dir, info: dict) -> list[str] | None:
+    """A captioning run's test captions (facts/predictions_<split>.jsonl), or None."""
+    import json
+    from pathlib import Path
+
+    split = (info.get("eval") or {}).get("split", "test")
+    f = Path(run_dir) / "facts" / f"predictions_{split}.jsonl"
+    if not f.exists():
+        return None
+    out = []
+    with open(f, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                out.append(str(json.loads(line)["prediction"]))
+            except (ValueError, KeyError):
+                continue
+    return out
+
+
+def _gates_move(val: list[dict], cfg: dict, st: dict) -> dict | None:
+    series: dict[str, list[float]] = {}
+    for r in val:
+        if r["name"].startswith("gate/") and _finite(r["value"]):
+            series.setdefault(r["name"], []).append(r["value"])
+    lr = float((((cfg.get("trainer") or {}).get("optim") or {}).get("adapter") or {}).get("lr", 0) or 0)
+    if not series or lr <= 0:
+        return None  # no gates (prefix, none), or gates the config keeps fixed
+    moved = {k: max(abs(x - v[0]) for x in v) for k, v in series.items()}
+    threshold = float(st["min_change"])
+    if max(len(v) for v in series.values()) < 2:
+        return _check("gates_move", "during", "warn", "fewer than two evaluations: nothing to compare",
+                      threshold=threshold)
+    top = max(moved, key=moved.get)
+    if moved[top] < threshold:
+        return _check("gates_move", "during", "fail",
+                      f"no gate moved by {threshold:g} or more ({len(moved)} gates; largest change {moved[top]:.3g} "
+                      f"at {top}) though trainer.optim.adapter.lr={lr:g}: the adapters receive no signal",
+                      value=round(moved[top], 6), threshold=threshold)
+    return _check("gates_move", "during", "pass", f"{top} moved by {moved[top]:.3g}", value=round(moved[top], 6),
+                  threshold=threshold)
+
+
+def _norm_ratio(val: list[dict], st: dict) -> dict | None:
+    ratios = [r["value"] for r in val if r["name"] == "soft_norm_ratio" and _finite(r["value"])]
+    if not ratios:
+        return None
+    low, high = float(st["low"]), float(st["high"])
+    last = ratios[-1]
+    ok = low <= last <= high
+    return _check("norm_ratio", "during", "pass" if ok else "fail",
+                  f"soft tokens / LM token embeddings norm ratio {last:.3g} at the last evaluation" + (
+                      "" if ok else f", outside [{low:g}, {high:g}]: the LM sees inputs of another scale than its "
+                                    "own tokens (projector.scale, projector.output)"),
+                  value=round(last, 4), threshold=[low, high])
+
+
+def _generic_captions(preds: list[str], st: dict) -> dict:
+    n, low = int(st["n"]), float(st["min_distinct"])
+    grams, total = set(), 0
+    for p in preds:
+        words = p.lower().split()
+        for i in range(len(words) - n + 1):
+            grams.add(tuple(words[i:i + n]))
+            total += 1
+    distinct = len(grams) / total if total else 0.0
+    unique = len(set(preds))
+    generic = unique <= 1 or distinct < low
+    msg = (f"{unique} different captions of {len(preds)}; distinct-{n} {distinct:.3f}" +
+           ("; the captions are generic: the LM ignores the modality (compare with fusion=none)" if generic else ""))
+    return _check("generic_captions", "after", "fail" if generic else "pass", msg, value=round(distinct, 4),
+                  threshold=low)
 
 
 def decision_step(cfg: dict | None) -> int:
@@ -202,11 +293,46 @@ def _temperature_free(train: list[dict], cfg: dict, st: dict) -> dict | None:
                   value=last[-1], threshold=f"> {clamp:.4g} x (1 + {st['margin']})")
 
 
+def _baseline_run(path: str) -> tuple[dict, dict]:
+    """(cfg.yaml, facts/summary.json) of the baseline run; {} for what it does not have."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    out = []
+    for name, load in (("cfg.yaml", yaml.safe_load), ("facts/summary.json", json.loads)):
+        try:
+            out.append(load((Path(path) / name).read_text(encoding="utf-8")) or {})
+        except (OSError, ValueError, yaml.YAMLError):
+            out.append({})
+    return out[0], out[1]
+
+
+def _config_vs_baseline(cfg: dict, run: str) -> dict:
+    from modalign.analysis.comparability import config_diff
+
+    base_cfg, _ = _baseline_run(run)
+    if not base_cfg:
+        return _check("config_vs_baseline", "before", "warn", f"checks.baseline.run={run}: no cfg.yaml there")
+    diff = config_diff({"run": cfg, "baseline": base_cfg})
+    shown = "; ".join(f"{k}: {v['baseline']} -> {v['run']}" for k, v in list(diff.items())[:6])
+    return _check("config_vs_baseline", "before", "pass",
+                  f"{len(diff)} keys differ from the baseline run" + (f": {shown}" if shown else "") +
+                  (" ..." if len(diff) > 6 else "") + " (modalign diff-config shows all)",
+                  value={k: [v["baseline"], v["run"]] for k, v in diff.items()}, threshold=run)
+
+
 def _beats_baseline(info: dict, summary: dict | None, st: dict) -> dict | None:
     metric, value = st.get("metric"), st.get("value")
+    split = (info.get("eval") or {}).get("split", "test")
+    if metric is not None and value is None and st.get("run"):
+        value = (_baseline_run(st["run"])[1].get(split) or {}).get(metric)
+        if value is None:
+            return _check("beats_baseline", "after", "warn",
+                          f"the baseline run {st['run']} has no {split} metric '{metric}'", threshold=st["run"])
     if metric is None or value is None:
         return None
-    split = (info.get("eval") or {}).get("split", "test")
     got = ((summary or {}).get(split) or {}).get(metric)
     if got is None:
         return _check("beats_baseline", "after", "warn", f"{split} metric '{metric}' is not in the run's results",

@@ -19,7 +19,7 @@ from modalign.runs.card import flatten
 # Config keys that never make two runs different configurations: the seed (runs over seeds are
 # the replicates of one configuration), where outputs go, and settings that change speed or
 # bookkeeping but not the result.
-BOOKKEEPING = ("seed", "name", "outputs", "resume", "sweep.", "criteria.", "env.", "eval.export_embeddings",
+BOOKKEEPING = ("seed", "name", "outputs", "resume", "sweep.", "criteria.", "checks.", "env.", "eval.export_embeddings",
                "eval.batch_size", "text.cache_dir", "text.batch_size", "lm.cache_dir",
                "eval.samples_in_card", "trainer.threads", "trainer.log_every",
                "trainer.keep_checkpoints", "trainer.checkpoint_every", "hydra.")

@@ -145,6 +145,107 @@ def _pdeathsig() -> None:  # in the job's process, before exec: SIGTERM when the
         pass
 
 
+LAUNCHER_KEYS = ("hydra/launcher=", "hydra.launcher.")
+
+
+class LocalProcesses:
+    """Jobs as child processes of the executor: they get SIGTERM from the kernel if it dies."""
+    kind = "local"
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def start(self, spec_path: Path, log_path: Path):
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        with open(log_path, "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "modalign.plans.job", str(spec_path)], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    preexec_fn=_pdeathsig)
+
+    def poll(self, handle) -> int | None:
+        return handle.poll()
+
+    def ident(self, handle) -> str:
+        return f"pid {handle.pid}"
+
+    def stop(self, handles: list) -> None:
+        for h in handles:
+            if h.poll() is None:
+                h.send_signal(signal.SIGTERM)
+        for h in handles:
+            try:
+                h.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                h.kill()
+
+
+class Submitit:
+    """Jobs through submitit, with the launcher config sweeps use (`env=slurm` and
+    `hydra.launcher.*`, or `hydra/launcher=submitit_local`): SLURM jobs outlive the executor, and
+    a rerun waits for them through their lock (same host) before it decides anything."""
+
+    GENERIC = ("timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node", "name",
+               "stderr_to_stdout")
+
+    def __init__(self, kind: str, params: dict, folder: Path, threads: int):
+        import submitit
+
+        self.kind, self.threads = kind, threads
+        self.ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm" if kind == "slurm" else "local")
+        out = {}
+        for k, v in params.items():
+            if k in ("_target_", "submitit_folder") or v is None:
+                continue
+            if k in self.GENERIC:
+                out[k] = v
+            elif kind == "slurm":
+                out[f"slurm_{k}"] = v
+        out["name"] = "modalign-plan"
+        self.ex.update_parameters(**out)
+
+    def start(self, spec_path: Path, log_path: Path):
+        from modalign.plans.job import run_spec
+
+        return self.ex.submit(run_spec, str(spec_path), self.threads)
+
+    def poll(self, handle) -> int | None:
+        if not handle.done():
+            return None
+        try:
+            return int(handle.result())
+        except Exception:  # noqa: BLE001 — the job's own run.json says what failed
+            return 1
+
+    def ident(self, handle) -> str:
+        return f"{self.kind} job {handle.job_id}"
+
+    def stop(self, handles: list) -> None:
+        for h in handles:
+            if not h.done():
+                h.cancel(check=False)
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(h.done() for h in handles):
+            time.sleep(0.5)
+
+
+def launcher_of(overrides: list[str], recipe: str) -> tuple[str, dict]:
+    """("local" | "submitit_local" | "slurm", the launcher's parameters) from the plan's overrides,
+    read exactly as `modalign sweep` reads them (env=slurm, hydra/launcher=..., hydra.launcher.*)."""
+    from omegaconf import OmegaConf
+
+    given = [o for o in overrides if o.startswith(("env=", *LAUNCHER_KEYS))]
+    if not given:
+        return "local", {}
+    from modalign.recipes.config import compose
+    from modalign.recipes.launch import root_config
+
+    cfg = compose(given, root_config(recipe), return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False) if cfg.hydra.get("launcher") else {}
+    target = str(launcher.get("_target_", ""))
+    kind = "slurm" if target.endswith("SlurmLauncher") else "submitit_local" if target.endswith("LocalLauncher") else "local"
+    return kind, {k: v for k, v in launcher.items() if not (isinstance(v, str) and "${" in v)}
+
+
 class Executor:
     def __init__(self, plan: Plan, cli_overrides: list[str], jobs: int = 1, quiet: bool = False,
                  outputs: str | None = None):
@@ -164,7 +265,17 @@ class Executor:
                                           for p in plan.phases.values() for t in p.triggers}
         self.events: list[dict] = []
         self.previous: dict = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, object] = {}  # job id -> the backend's handle
+        kind, params = launcher_of([*plan.overrides, *self.cli], plan.recipe)
+        self.cli = [o for o in self.cli if not o.startswith(LAUNCHER_KEYS)]
+        self.plan.overrides = tuple(o for o in self.plan.overrides if not o.startswith(LAUNCHER_KEYS))
+        if kind == "local":
+            self.backend = LocalProcesses(self.threads)
+        else:
+            if kind == "slurm":  # the cluster decides how many run at once; each gets its cpus_per_task
+                self.slots, self.threads, self.capped = max(jobs, int(params.get("array_parallelism") or jobs)), \
+                    int(params.get("cpus_per_task") or self.threads), False
+            self.backend = Submitit(kind, params, self.dir / ".submitit", self.threads)
         self.stopping: str | None = None
         self.trained = 0
         self.started_at = time.time()
@@ -179,7 +290,9 @@ class Executor:
     def step_overrides(self, step: Step, point: list[str]) -> list[str]:
         """A job's overrides: the plan's, the step's (with its grid point), the command line's, and
         what a trigger watching the step needs (early stopping at the plateau it waits for)."""
-        out = merge_overrides(list(self.plan.overrides), point, self.cli)
+        shared = [o for o in (*self.plan.overrides, *self.cli) if self._applies(o, step.recipe)]
+        out = merge_overrides([o for o in shared if o in self.plan.overrides], point,
+                              [o for o in shared if o in self.cli])
         for p in self.plan.phases.values():
             for t in p.triggers:
                 if t.on == step.key:
@@ -190,6 +303,28 @@ class Executor:
                                                 f"trainer.early_stop_patience={t.patience}",
                                                 f"trainer.early_stop_min_delta={t.min_delta}"])
         return out
+
+    def _applies(self, override: str, recipe: str) -> bool:
+        """Whether a plan-wide or command-line override is for this recipe: a key only another
+        recipe has (decode.* for fuse, head=... for align) is left out of this one's jobs; a key no
+        recipe has stays, so that it fails as a typo."""
+        if not hasattr(self, "_known"):
+            from modalign.plans.spec import RECIPES
+            from modalign.recipes.config import compose, to_container
+            from modalign.recipes.launch import root_config
+            from modalign.runs.card import flatten
+
+            conf = Path(__file__).resolve().parents[1] / "conf"
+            self._known = {}
+            for r in RECIPES:
+                keys = set(flatten(to_container(compose([], root_config(r)), "", throw_on_missing=False)))
+                keys |= {k.rsplit(".", i)[0] for k in list(keys) for i in range(1, k.count(".") + 1)}
+                self._known[r] = keys | {"logger", "experiment"}
+            self._groups = {d.name for d in conf.iterdir() if d.is_dir()}
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in self._known[recipe] or key in ("hydra",) or key.startswith("hydra."):
+            return True
+        return not any(key in keys for r, keys in self._known.items() if r != recipe)
 
     def check_all(self) -> int:
         """Compose every job known before the plan starts (references stand in as paths), so a bad
@@ -269,10 +404,11 @@ class Executor:
                   parent=parent)
         old = (self.previous.get("jobs") or {}).get(jid) or {}
         job.launches = list(old.get("launches") or [])
+        job.started_at = old.get("started_at")  # the first start, across reruns (the timeline)
         info = _run_info(run_dir)
         if info.get("status") == "completed":
             job.status = "completed"
-            job.started_at, job.finished_at = old.get("started_at"), old.get("finished_at")
+            job.finished_at = old.get("finished_at")
             job.launches.append({"mode": "reused", "at": time.time(), "exit": 0})
             self.event("job", f"{label}: reused (completed in {run_dir.name})", job=jid)
         self.jobs[jid] = job
@@ -288,6 +424,8 @@ class Executor:
                     fcntl.flock(f, fcntl.LOCK_UN)
                     break
                 except BlockingIOError:
+                    if self.stopping:
+                        return
                     time.sleep(0.2)
         info = _run_info(out)
         if info.get("status") == "completed":  # finished by that process after all
@@ -300,22 +438,19 @@ class Executor:
         from modalign.runs.rundir import atomic_write_json
 
         atomic_write_json(self.dir / "jobs" / f"{job.id}.json", spec)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        log = open(self.dir / "logs" / f"{job.id}.log", "ab")  # noqa: SIM115 — the child writes it
-        self.procs[job.id] = subprocess.Popen(
-            [sys.executable, "-m", "modalign.plans.job", str(self.dir / "jobs" / f"{job.id}.json")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_pdeathsig)
-        log.close()
+        self.procs[job.id] = self.backend.start(self.dir / "jobs" / f"{job.id}.json",
+                                                self.dir / "logs" / f"{job.id}.log")
         job.status = "running"
         job.started_at = job.started_at or time.time()
-        job.launches.append({"mode": mode, "at": time.time(), "exit": None})
+        job.launches.append({"mode": mode, "at": time.time(), "exit": None,
+                             "where": self.backend.ident(self.procs[job.id])})
         self.trained += 1
         self.event("job", f"{job.label}: {mode} ({out.name})", job=job.id)
 
     def reap(self) -> bool:
         changed = False
         for jid, proc in list(self.procs.items()):
-            code = proc.poll()
+            code = self.backend.poll(proc)
             if code is None:
                 continue
             del self.procs[jid]
@@ -441,7 +576,12 @@ class Executor:
         st.update(status="running", started_at=time.time(), why_started=reason)
         self.event("phase", f"{name}: started ({reason})")
         if p.replicate is not None:
-            self._expand_replicate(p)
+            try:
+                self._expand_replicate(p)
+            except UserError as e:  # a config that no longer composes: the phase fails, the plan goes on
+                self.steps[f"{name}.replicate"] = []
+                st.update(why=f"replicate: {e}", step_errors=1)
+                self.event("phase", f"{name}: replicate cannot run: {e}")
         if p.statistics is not None:
             self._statistics(p)
         return True
@@ -503,7 +643,6 @@ class Executor:
         ranked = sorted(groups, key=lambda g: -sign * (g.stats(metric, 1000)["mean"]
                                                         if g.completed else -sign * math.inf))
         chosen = ranked[: rep.top] if rep.top else ranked
-        step = Step(p.name, "replicate", sources[0].recipe if sources else self.plan.recipe, ())
         ids = []
         for g in chosen:
             for r in g.runs:
@@ -514,18 +653,13 @@ class Executor:
         self.steps[f"{p.name}.replicate"] = ids
         self.event("replicate", f"{p.name}: {len(ids)} runs of {', '.join(g.label for g in chosen) or 'nothing'} "
                                 f"with {' '.join(rep.overrides)}")
-        del step
 
     def _statistics(self, p) -> None:
-        from modalign.plans.report import statistics_report
+        from modalign.plans.report import statistics_jobs, statistics_report
 
-        jobs = [j for r in p.statistics.results for j in self.results(r) or []]
-        baseline = p.statistics.baseline
-        if baseline and "=" not in baseline:  # a phase.step: its runs are the baseline group
-            base_jobs = self.results(baseline) or []
-            baseline = base_jobs[0].dir if base_jobs else None
+        state = {"steps": self.steps, "jobs": {k: asdict(j) for k, j in self.jobs.items()}}
         try:
-            path = statistics_report(self, p, jobs, baseline)
+            path = statistics_report(self.dir, self.plan, p, *statistics_jobs(state, p))
             self.phases[p.name]["statistics"] = str(path)
             self.event("statistics", f"{p.name}: {path}")
         except UserError as e:
@@ -592,8 +726,8 @@ class Executor:
                     s = _summary(Path(j.dir))
                     if j.status == "completed" and s.get("stopped_early"):
                         series = read_metric_series(Path(j.dir), t.metric)
-                        overrides = self.substitute(merge_overrides(list(self.plan.overrides), list(t.start.overrides),
-                                                                    self.cli), source=j, watched=t.on)
+                        overrides = self.substitute(self.step_overrides(t.start, list(t.start.overrides)),
+                                                    source=j, watched=t.on)
                         if overrides is None:
                             continue
                         job = self.add_job(t.start, len(ids), overrides, trigger=t.key, parent=j.dir)
@@ -661,14 +795,7 @@ class Executor:
         self.stopping = "SIGTERM"
 
     def _stop_jobs(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        self.backend.stop(list(self.procs.values()))
         self.reap()
 
     def _loop(self) -> int:

@@ -33,5 +33,13 @@ def main(argv: list[str]) -> int:
     return 0 if status == "completed" else 1
 
 
+def run_spec(spec_path: str, threads: int) -> int:
+    """The job as a function, for submitit (SLURM or its local executor): the same as the module."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # before torch is imported
+    return main(["modalign.plans.job", spec_path])
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

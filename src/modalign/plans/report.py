@@ -66,32 +66,47 @@ def _match_group(groups, spec: str):
     return hits[0] if len(hits) == 1 else None
 
 
-def statistics_report(executor, phase, jobs, baseline: str | None) -> Path:
-    """A statistics phase: modalign's report over the named results, against the baseline."""
+def statistics_report(plan_dir: Path, plan, phase, jobs: list[dict], baseline: str | None) -> Path:
+    """A statistics phase: modalign's report over the named results (jobs as plan.json holds
+    them), its groups named by their plan steps, against the baseline (a group label such as
+    head=linear, or a run directory of the baseline step)."""
     from modalign.analysis.metrics import full_name
     from modalign.report.build import _verdicts, collect, export_runs, write_report
 
     if not jobs:
         raise UserError("no runs to compare")
-    dirs = [Path(j.dir) for j in jobs]
-    metric = phase.statistics.metric or executor.plan.metric
-    rep = collect(dirs, metric=None if metric is None else full_name(metric))
-    label = None
+    dirs = [Path(j["dir"]) for j in jobs]
+    names = {str(Path(j["dir"]).resolve()): f"{j['phase']}.{j['step']}" for j in jobs}
+    metric = phase.statistics.metric or plan.metric
+    rep = collect(dirs, metric=None if metric is None else full_name(metric), names=names)
     if baseline:
         g = _match_group(rep.groups, baseline)
         if g is None:
             raise UserError(f"statistics.baseline '{baseline}' names no single group (groups: "
                             f"{'; '.join(x.label for x in rep.groups)})")
-        label = g.label
-        rep = collect(dirs, metric=rep.metric, baseline=label)
+        rep = collect(dirs, metric=rep.metric, baseline=g.label, names=names)
     if phase.statistics.criteria is not None:
         rep.criteria, rep.verdicts = phase.statistics.criteria, []
         _verdicts(rep, rep.n_resamples, rep.random_state)
-    rep.title = f"{executor.plan.name}: {phase.name}"
-    out = executor.dir / "report" / "statistics" / phase.name
+    rep.title = f"{plan.name}: {phase.name}"
+    out = Path(plan_dir) / "report" / "statistics" / phase.name
     write_report(rep, out)
-    export_runs(rep, executor.dir / "report" / "export")
+    export_runs(rep, Path(plan_dir) / "report" / "export")
     return out / "index.html"
+
+
+def statistics_jobs(state: dict, phase) -> tuple[list[dict], str | None]:
+    """The jobs a statistics phase compares, and its baseline, from plan.json."""
+    def of(name: str) -> list[dict]:
+        keys = [name] if "." in name else [k for k in state.get("steps") or {} if k.split(".")[0] == name]
+        return [state["jobs"][i] for k in keys for i in (state.get("steps") or {}).get(k, [])]
+
+    jobs = [j for r in phase.statistics.results for j in of(r)]
+    baseline = phase.statistics.baseline
+    if baseline and "=" not in baseline:  # a phase.step: its runs are the baseline group
+        base = of(baseline)
+        baseline = base[0]["dir"] if base else None
+    return jobs, baseline
 
 
 def _epoch(iso) -> float | None:
@@ -108,6 +123,7 @@ def job_rows(state: dict) -> list[dict]:
     from modalign.analysis.metrics import default_metric, full_name
 
     order = {p: i for i, p in enumerate(state.get("order") or [])}
+    step_order = {k: i for i, k in enumerate(state.get("steps") or {})}
     rows = []
     for jid, j in (state.get("jobs") or {}).items():
         run = Path(j["dir"])
@@ -134,7 +150,8 @@ def job_rows(state: dict) -> list[dict]:
                      "parent": j.get("parent"), "start": start, "end": end, "error": j.get("error"),
                      "launches": [x.get("mode") for x in j.get("launches") or []],
                      "checks": [c["name"] for c in info.get("checks") or [] if c.get("status") == "fail"],
-                     "order": (order.get(j["phase"], 99), j["step"], j.get("index", 0))})
+                     "order": (order.get(j["phase"], 99), step_order.get(f"{j['phase']}.{j['step']}", 99),
+                               j.get("index", 0))})
     rows.sort(key=lambda r: r["order"])
     return rows
 
@@ -346,12 +363,21 @@ def write_plan_report(plan_dir: Path) -> Path:
         if not dirs:
             continue
         try:
-            rep = collect(dirs, metric=state.get("metric"))
+            names = {str(Path(r["dir"]).resolve()): f"{r['phase']}.{r['step']}" for r in rows}
+            rep = collect(dirs, metric=state.get("metric"), names=names)
             rep.title = f"{state.get('name')}: {name}"
             write_report(rep, out / "phases" / name)
             phase_reports[name] = out / "phases" / name / "index.html"
         except UserError:
             continue
+    if plan is not None:  # the statistics again, from the runs as they are now
+        for name, st in (state.get("phases") or {}).items():
+            phase = plan.phases.get(name)
+            if phase is not None and phase.statistics is not None and st.get("status") == "completed":
+                try:
+                    statistics_report(plan_dir, plan, phase, *statistics_jobs(state, phase))
+                except UserError:
+                    pass  # plan.json keeps the reason the executor met
     summary = plan_summary(state, rows)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.md", _markdown(state, rows, summary, phase_reports))

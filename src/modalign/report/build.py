@@ -83,8 +83,10 @@ def _sweep_info(path: Path) -> dict | None:
 
 
 def collect(paths: list[Path], metric: str | None = None, baseline: str | None = None,
-            n_resamples: int = 10_000, random_state: int = 0) -> Report:
-    """Read the runs under `paths`, group them, and compute every number the report shows."""
+            n_resamples: int = 10_000, random_state: int = 0, names: dict[str, str] | None = None) -> Report:
+    """Read the runs under `paths`, group them, and compute every number the report shows.
+    `names` ({run directory: name}, e.g. a plan's step names) labels each group whose runs share
+    one name; a name several groups share keeps their own labels after it."""
     sources = [Path(p) for p in paths]
     records: list[RunRecord] = []
     seen: set[Path] = set()
@@ -133,6 +135,8 @@ def collect(paths: list[Path], metric: str | None = None, baseline: str | None =
 
     title = " + ".join(str(info.get("name") or src.name) for src, info in sweeps) or ", ".join(s.name for s in sources)
     groups = group_runs(records)
+    if names:
+        _name_groups(groups, names)
     metrics = [chosen] + [full_name(m) for m in headline(recipe) if full_name(m) != chosen]
     if criteria is not None and full_name(criteria.metric) not in metrics:
         metrics.append(full_name(criteria.metric))
@@ -307,6 +311,16 @@ def groups_table(rep: Report, n_resamples: int | None = None, random_state: int 
         row["wall_seconds"] = float(np.mean([w for w in walls if w is not None])) if any(walls) else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _name_groups(groups: list[Group], names: dict[str, str]) -> None:
+    given = []
+    for g in groups:
+        found = {names.get(str(r.path.resolve())) for r in g.runs}
+        given.append(found.pop() if len(found) == 1 and None not in found else None)
+    for g, name in zip(groups, given):
+        if name is not None:
+            g.label = name if given.count(name) == 1 else f"{name} ({g.label})"
 
 
 def _json_safe(obj):

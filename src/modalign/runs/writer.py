@@ -257,11 +257,12 @@ class RunWriter:
             return []
         import yaml
 
-        from modalign.analysis.checks import evaluate, lines
+        from modalign.analysis.checks import evaluate, lines, read_predictions
 
         cfg_path = self.path / "cfg.yaml"
         cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-        checks = evaluate(self.run.info(), cfg, rows, summary)
+        info = self.run.info()
+        checks = evaluate(info, cfg, rows, summary, read_predictions(self.path, info))
         self.update(checks=checks)
         for line in lines(checks):
             (log.warning if " FAIL " in line or " WARN " in line else log.info)(line)
