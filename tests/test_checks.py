@@ -190,6 +190,9 @@ def test_stage3_checks_gates_that_never_move_a_soft_token_scale_off_and_generic_
     # a recipe without gates or soft tokens (align) has neither check; adapters kept fixed (lr 0) neither
     plain = {x["name"] for x in evaluate(info, cfg, train, None)}
     assert not plain & {"gates_move", "norm_ratio", "generic_captions"}
+    floor = {x["name"] for x in evaluate(info, {**cfg, "fusion": {"kind": "none"}}, train + _val("soft_norm_ratio", [0.0]),
+                                         None, ["the person is at home"] * 3)}
+    assert not floor & {"norm_ratio", "generic_captions"}  # fusion=none has no soft tokens, and generic captions by design
     frozen = {**cfg, "trainer": {**cfg["trainer"], "optim": {"adapter": {"lr": 0}, "projector": {"lr": 1e-3}}}}
     assert "gates_move" not in {x["name"] for x in evaluate(info, frozen, train + stuck, None)}
 

@@ -159,18 +159,17 @@ def test_a_failed_gate_blocks_the_phases_after_it_and_says_why(tmp_path, cache_d
     assert status.returncode == 0 and "core           blocked" in status.stdout
 
 
-def test_align_study_killed_with_sigkill_and_rerun_reuses_every_completed_job(tmp_path, cache_dir):
-    """The shipped align_study at test size: SIGKILL the executor while a core job trains (after its
-    first checkpoint), run the plan again. Every job completed before the kill is reused (its run
-    trained once), the interrupted ones resume, the resumed run equals an uninterrupted one bit for
-    bit, and a third run trains nothing and writes the same report."""
+def _kill_mid_plan_and_rerun(tmp_path: Path, cache_dir: Path, plan_arg: str, name: str, extra: list[str]) -> None:
+    """SIGKILL the executor while a job of phase `core` trains (after its first checkpoint), run the
+    plan again. Every job completed before the kill is reused (its run trained once), the
+    interrupted ones resume, the resumed run equals an uninterrupted one bit for bit, and a third
+    run trains nothing and writes the same report."""
     out = tmp_path / "out"
-    args = ["plan", "run", "align_study", "--jobs", "2", f"outputs={out}", "trainer.max_steps=40",
-            "trainer.eval_every=4", *SMALL, "data.n_train=512"]
+    args = ["plan", "run", plan_arg, "--jobs", "2", f"outputs={out}", *extra]
     env = dict(os.environ, MODALIGN_CACHE=str(cache_dir), PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, "-m", "modalign", *args, "--quiet"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    plan_json = out / "plans" / "align_study" / "plan.json"
+    plan_json = out / "plans" / name / "plan.json"
     deadline, done_before = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -212,7 +211,7 @@ def test_align_study_killed_with_sigkill_and_rerun_reuses_every_completed_job(tm
     resumed = json.loads((Path(j["dir"]) / "facts" / "summary.json").read_text())["test"]
     uninterrupted = json.loads((Path(ref.stdout.strip()) / "facts" / "summary.json").read_text())["test"]
     assert resumed == uninterrupted
-    report = out / "plans" / "align_study" / "report"
+    report = out / "plans" / name / "report"
     first = (report / "summary.json").read_text()
     assert (report / "index.html").exists() and (report / "statistics" / "statistics" / "index.html").exists()
     assert any((report / "export").iterdir())
@@ -222,8 +221,25 @@ def test_align_study_killed_with_sigkill_and_rerun_reuses_every_completed_job(tm
     st3 = json.loads(plan_json.read_text())
     assert all(j["launches"][-1]["mode"] == "reused" for j in st3["jobs"].values())
     assert (report / "summary.json").read_text() == first
-    status = run_cli(["plan", "status", str(out / "plans" / "align_study")], tmp_path, cache_dir)
+    status = run_cli(["plan", "status", str(out / "plans" / name)], tmp_path, cache_dir)
     assert status.returncode == 0 and "statistics     completed" in status.stdout
+
+
+def test_a_plan_killed_with_sigkill_and_rerun_reuses_every_completed_job(tmp_path, cache_dir):
+    """A small plan of the same shape as align_study (sanity -> core over seeds -> statistics)."""
+    f = _write(tmp_path, "small", {
+        "name": "small", "overrides": ["data.n_train=512", *SMALL, "trainer.max_steps=40", "trainer.eval_every=4"],
+        "phases": {"sanity": {"runs": {"overfit": {"overrides": ["data.n_train=256"]}}},
+                   "core": {"after": ["sanity"], "sweeps": {"heads": {"grid": {"head": ["linear", "mlp"]}}}},
+                   "statistics": {"after": ["core"], "statistics": {"results": ["core"], "baseline": "head=linear"}}}})
+    _kill_mid_plan_and_rerun(tmp_path, cache_dir, str(f), "small", [])
+
+
+@pytest.mark.slow
+def test_align_study_killed_with_sigkill_and_rerun_reuses_every_completed_job(tmp_path, cache_dir):
+    """The shipped align_study at test size (13 jobs)."""
+    _kill_mid_plan_and_rerun(tmp_path, cache_dir, "align_study", "align_study",
+                             ["trainer.max_steps=40", "trainer.eval_every=4", *SMALL])
 
 
 def test_a_plan_runs_its_jobs_through_submitit_with_the_sweeps_launcher_config(tmp_path, cache_dir):

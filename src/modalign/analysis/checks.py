@@ -111,13 +111,14 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
                          f"{int(max(skips))} steps skipped for a non-finite loss or gradient" if skips
                          else "no step was skipped", value=int(max(skips)) if skips else 0, threshold=0))
     val = [r for r in rows if r.get("split") == "val"]
-    for extra in (_gates_move(val, cfg or {}, st["gates_move"]), _norm_ratio(val, st["norm_ratio"])):
+    floor = ((cfg or {}).get("fusion") or {}).get("kind") == "none"  # no modality input by design
+    for extra in (_gates_move(val, cfg or {}, st["gates_move"]), None if floor else _norm_ratio(val, st["norm_ratio"])):
         if extra is not None:
             checks.append(extra)
     base = _beats_baseline(info, summary, st["baseline"])
     if base is not None:
         checks.append(base)
-    if predictions is not None:
+    if predictions is not None and not floor:  # the floor's captions cannot depend on the input
         checks.append(_generic_captions(predictions, st["generic_captions"]))
     return checks
 

@@ -191,7 +191,8 @@ def plot_timeline(state: dict, rows: list[dict], path: Path) -> Path | None:
     ax.invert_yaxis()
     ax.set_xlabel("minutes since the plan's first job started")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in phases]
-    ax.legend(handles, phases, fontsize=7, loc="lower right")
+    ax.legend(handles, phases, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.12)  # room for the status after the last bar
     ax.set_title(f"plan {state.get('name')}: timeline (dashed: an early start; dotted red: a trigger fired)",
                  fontsize=9)
     fig.tight_layout()
