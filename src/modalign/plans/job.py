@@ -18,6 +18,11 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
     lock = open(spec["lock"], "a+")  # noqa: SIM115 — held until the process ends
     fcntl.flock(lock, fcntl.LOCK_EX)
+    from modalign.train.allocator import mode_from_overrides, tune_malloc
+
+    # env.malloc before torch starts a thread, as `modalign train` does: the same allocator, the
+    # same memory layout, so a plan's job computes what the same `modalign train` computes
+    tune_malloc(mode_from_overrides(spec["overrides"]))
     from modalign.recipes.config import compose, to_container
     from modalign.recipes.launch import root_config
     from modalign.recipes.sweep import run_job
