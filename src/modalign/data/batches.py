@@ -28,10 +28,15 @@ class PairedTensors:
 
     caption_rows [N, K] int64: row in the text table of caption k of sample i (-1 = no such caption),
     caption_groups: the caption table's group id per row (identical text = same group).
+    text_table holds either text vectors (align: [U, D]) or token ids padded with -1 (fuse: [U, L],
+    `token_text`): then a batch's text is cut to its own longest caption, and `caption_lengths`
+    gives the length a sampler can group batches by.
+    features [N, F]: optional per-sample features computed ahead (a frozen encoder's), in the batch
+    as "features".
     """
 
     def __init__(self, data: PairedData, caption_rows: np.ndarray, text_table: torch.Tensor,
-                 caption_groups: torch.Tensor):
+                 caption_groups: torch.Tensor, token_text: bool = False, features: torch.Tensor | None = None):
         n, t = len(data), data.seq_len
         self.n, self.seq_len = n, t
         self.ids = data.ids
@@ -50,6 +55,15 @@ class PairedTensors:
         self.n_captions = (self.caption_rows >= 0).sum(1)  # (N,)
         self.text_table = text_table  # (U, text_dim)
         self.caption_groups = caption_groups  # (U,)
+        self.token_text = token_text
+        self.text_lengths = (text_table >= 0).sum(1) if token_text else None  # (U,) tokens per caption
+        self.features = features  # (N, F) or None
+
+    def caption_lengths(self, idx: torch.Tensor, caption_k: torch.Tensor) -> torch.Tensor | None:
+        """(B,) token lengths of caption k of samples idx (None when the text is not token ids)."""
+        if self.text_lengths is None:
+            return None
+        return self.text_lengths[self.caption_rows[idx, caption_k]]
 
     def batch(self, idx: torch.Tensor, caption_k: torch.Tensor | None = None) -> dict:
         """idx (B,) sample indices; caption_k (B,) which caption of each (default: the first)."""
@@ -60,7 +74,10 @@ class PairedTensors:
         lengths = self.lengths[idx]
         t = int(lengths.max())
         b = len(idx)
-        return {
+        text = self.text_table[rows]
+        if self.token_text:  # token ids padded with -1: pad to this batch's longest caption only
+            text = text[:, : int(self.text_lengths[rows].max())]
+        out = {
             "index": idx,
             "tokens_id": self._rows(self.tokens_id, idx, t) if self.tokens_id is not None
             else torch.zeros(b, t, dtype=torch.int64),
@@ -68,9 +85,12 @@ class PairedTensors:
             else torch.zeros(b, t, 0),
             "globals": self._rows(self.globals, idx) if self.globals is not None else torch.zeros(b, 0),
             "mask": torch.arange(t)[None, :] < lengths[:, None],  # (B, t)
-            "text": self.text_table[rows],
+            "text": text,
             "groups": self.caption_groups[rows],
         }
+        if self.features is not None:
+            out["features"] = self.features[idx]
+        return out
 
     def advise(self, idx: torch.Tensor) -> None:
         """The rows of a coming batch: the kernel starts reading them (kernel_readahead only)."""
@@ -90,10 +110,20 @@ class PairedTensors:
 
 
 class EpochSampler:
-    """Shuffled batches without replacement; caption paraphrase drawn per sample per epoch."""
+    """Shuffled batches without replacement; caption paraphrase drawn per sample per epoch.
+
+    bucket > 0 (token captions only): each epoch's order is cut into groups of `bucket` batches, each
+    group sorted by caption length and cut into batches, and the batches shuffled, so a batch pads
+    to little more than its own captions (transformers' `group_by_length`, megabatches)."""
 
     def __init__(self, data: PairedTensors, batch_size: int, seed: int, accumulate: int = 1,
-                 shard: slice | None = None, token_noise: bool = False):
+                 shard: slice | None = None, token_noise: bool = False, bucket: int = 0):
+        from modalign.errors import UserError
+
+        if bucket and data.text_lengths is None:
+            raise UserError(f"config: 'trainer.bucket_by_length'={bucket} groups batches by caption length in "
+                            f"tokens, which only the fuse recipe has (set it to 0)")
+        self.bucket = bucket
         self.data, self.batch_size, self.seed = data, min(batch_size, data.n), seed
         self.shard = shard  # distributed: this rank's slice of every global batch (None = all of it)
         # per-token uniform values for the masked-modeling mask, drawn for the global batch from
@@ -137,11 +167,28 @@ class EpochSampler:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             perm = torch.randperm(self.data.n, generator=g)
             u = torch.rand(self.data.n, generator=g)
-            state = (perm, (u * self.data.n_captions).long())  # k uniform over each sample's captions
+            k = (u * self.data.n_captions).long()  # k uniform over each sample's captions
+            if self.bucket:
+                perm = self._by_length(perm, k, g)
+            state = (perm, k)
             self._epochs[epoch] = state
             for e in sorted(self._epochs, key=lambda e: abs(e - epoch), reverse=True)[: max(0, len(self._epochs) - 3)]:
                 del self._epochs[e]
         return state
+
+    def _by_length(self, perm: torch.Tensor, k: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """perm (N,) -> the same samples with each group of `bucket` batches sorted by caption
+        length (longest first) and the epoch's batches in a shuffled order."""
+        bs, steps = self.batch_size, self.steps_per_epoch
+        order, rest = perm[: steps * bs], perm[steps * bs:]
+        lengths = self.data.caption_lengths(order, k[order])
+        group = self.bucket * bs
+        parts = []
+        for start in range(0, len(order), group):
+            chunk = order[start:start + group]
+            parts.append(chunk[torch.sort(lengths[start:start + group], descending=True, stable=True).indices])
+        batches = torch.cat(parts).view(steps, bs)
+        return torch.cat([batches[torch.randperm(steps, generator=g)].flatten(), rest])
 
     def _index(self, micro_step: int) -> torch.Tensor:
         """The sample indices of a micro-step's batch (this rank's share under torchrun)."""

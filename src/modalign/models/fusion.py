@@ -29,6 +29,8 @@ Checkpoints hold the trainable parameters only (`state_dict` leaves the frozen L
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -443,8 +445,12 @@ def build_fusion(kind: str, options: dict, lm, width: int) -> Fusion:
 
 
 class FuseOutput(NamedTuple):
-    logits: torch.Tensor  # (B, L, V) next-token logits at the caption positions
-    targets: torch.Tensor  # (B, L) caption + eos token ids, -1 = padding
+    """The caption tokens of a batch, packed: only real (non-padding) target positions are scored,
+    so the LM head (width x vocab, the largest matmul of a step) never runs on padding."""
+    logits: torch.Tensor  # (N, V) next-token logits at the N real caption + eos positions of the batch
+    targets: torch.Tensor  # (N,) the token ids they predict
+    rows: torch.Tensor  # (N,) the sample (batch row) of each position
+    batch_size: int  # B
     soft_norm: torch.Tensor  # () mean norm of the soft tokens (0 without modality input)
     soft: torch.Tensor | None = None  # (B, k, W) the soft tokens (None without modality input)
 
@@ -471,6 +477,15 @@ class FusedLM(nn.Module):
         fusion.install(lm)
         emb = lm.get_input_embeddings().weight
         self.text_norm = float(emb.detach().float().norm(dim=-1).mean())
+
+    def hold_frozen_lm_in(self, dtype: torch.dtype) -> None:
+        """Keep the frozen LM's weights in `dtype` (bf16: cast once here, not by autocast at every
+        step). Trainable parameters (projector, adapters, LoRA, unfrozen LM blocks) stay fp32 master
+        weights; buffers (rotary frequencies) stay as they are. The frozen LM the retention baseline
+        compares against is this same LM, at the same precision."""
+        for p in self.lm.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
 
     # checkpoints: trainable parameters and buffers, never the frozen LM ------------------------
     def _kept(self, key: str, trainable_lm: set[str]) -> bool:
@@ -512,16 +527,28 @@ class FusedLM(nn.Module):
             out["encoder"] = list(self.modality.encoder.parameters()) + list(self.modality.head.parameters())
         return out
 
-    def soft_tokens(self, batch: dict) -> torch.Tensor | None:
-        if not self.fusion.uses_modality or self.projector is None:
-            return None
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.modality is not None and self.freeze_encoder:
+            self.modality.eval()  # a frozen encoder computes the same features in training and evaluation
+        return self
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """The modality features (B, F) the projector takes: the stage-2 embedding or the encoder's
+        pooled features."""
         grad = torch.enable_grad() if (self.training and not self.freeze_encoder) else torch.no_grad()
         with grad:
             if self.features == "embedding":
-                feats = self.modality.encode_modality(batch).embedding
-            else:
-                feats, _ = self.modality.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"],
-                                                 batch["globals"])
+                return self.modality.encode_modality(batch).embedding
+            feats, _ = self.modality.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"], batch["globals"])
+            return feats
+
+    def soft_tokens(self, batch: dict) -> torch.Tensor | None:
+        """(B, k, W) soft tokens; from batch["features"] where the batch carries a frozen encoder's
+        features computed ahead (`FrozenFeatures`), else from the encoder."""
+        if not self.fusion.uses_modality or self.projector is None:
+            return None
+        feats = batch["features"] if "features" in batch else self.encode(batch)
         return self.projector(feats.float())
 
     @contextlib.contextmanager
@@ -556,11 +583,15 @@ class FusedLM(nn.Module):
         embeds, mask, n_before = self._inputs(soft, b, text[:, :-1])
         with self._signal(soft):
             hidden = self._body(embeds, mask)
-        # position t predicts token t+1: the caption's tokens are predicted from n_before-1 onwards
-        h = hidden[:, n_before - 1:]
-        logits = self.lm.get_output_embeddings()(h)
+        # position t predicts token t+1: the caption's tokens are predicted from n_before-1 onwards;
+        # gathering the real positions first keeps the LM head off padding (a sliced 3-D input
+        # would also send it through a batched matmul with the vocab matrix expanded per sample)
+        valid = text >= 0  # (B, L)
+        rows, cols = valid.nonzero(as_tuple=True)  # (N,), (N,)
+        h = hidden[rows, cols + (n_before - 1)]  # (N, W)
+        logits = self.lm.get_output_embeddings()(h)  # (N, V)
         soft_norm = soft.detach().float().norm(dim=-1).mean() if soft is not None else torch.zeros((), device=text.device)
-        return FuseOutput(logits, text, soft_norm, soft)
+        return FuseOutput(logits, text[rows, cols], rows, b, soft_norm, soft)
 
     def _body(self, embeds, mask):
         base = getattr(self.lm, "model", None) or getattr(self.lm, "transformer")
@@ -599,6 +630,8 @@ class FusedLM(nn.Module):
         b = batch["tokens_id"].shape[0]
         soft = self.soft_tokens(batch)
         embeds, mask, _ = self._inputs(soft, b, None)
+        if num_beams == 1 and not do_sample:
+            return self._greedy(embeds, soft, max_new_tokens, eos_token_id, with_eos)
         with self._signal(soft):
             out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    num_beams=num_beams, length_penalty=length_penalty, do_sample=do_sample,
@@ -612,12 +645,130 @@ class FusedLM(nn.Module):
         return rows
 
 
+    def _greedy(self, embeds: torch.Tensor, soft: torch.Tensor | None, max_new_tokens: int, eos: int | None,
+                with_eos: bool) -> list[list[int]]:
+        """Greedy decoding with the KV cache, the same tokens as `lm.generate(num_beams=1)`, where a
+        sample leaves the batch (its rows of the cache too) as soon as it emits eos: the batch
+        shrinks as captions end instead of running to the longest. Every sample's prefix has the same
+        length (no padding), so no attention mask is needed. embeds (B, S, W) -> ids per sample."""
+        base = getattr(self.lm, "model", None) or getattr(self.lm, "transformer")
+        head, embed = self.lm.get_output_embeddings(), self.lm.get_input_embeddings()
+        b = embeds.shape[0]
+        rows: list[list[int]] = [[] for _ in range(b)]
+        active = torch.arange(b, device=embeds.device)  # (b',) samples still decoding
+        cache = preallocated_cache(self.lm.config, embeds.shape[1] + max_new_tokens)
+        # transformers 5.2x renamed forward's past_key_values to cache (the old name warns)
+        cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        x = embeds
+        try:
+            for step in range(max_new_tokens):
+                self.fusion.signal = None if soft is None else soft[active]
+                h = base(inputs_embeds=x, use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]  # (b', W)
+                nxt = head(h).argmax(-1)  # (b',)
+                for i, t in zip(active.tolist(), nxt.tolist()):
+                    rows[i].append(t)
+                if eos is None:
+                    keep = torch.ones_like(nxt, dtype=torch.bool)
+                else:
+                    keep = nxt != eos
+                    if not bool(keep.all()):
+                        if not bool(keep.any()):
+                            break
+                        cache.batch_select_indices(keep.nonzero(as_tuple=True)[0])
+                        active, nxt = active[keep], nxt[keep]
+                x = embed(nxt)[:, None, :]  # (b', 1, W)
+        finally:
+            self.fusion.signal = None
+        if eos is not None:
+            rows = [r[: r.index(eos) + (1 if with_eos else 0)] if eos in r else r for r in rows]
+        return rows
+
+
+@functools.cache
+def _preallocated_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A KV cache layer that writes each step into a buffer allocated once for the whole decode
+        (capacity = prefix + max new tokens), where DynamicLayer concatenates, copying the whole cache
+        at every token (a fifth of greedy decoding's time at batch 64). keys/values are views of the
+        filled part."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                b, h, _, d = key_states.shape
+                self._k = key_states.new_empty(b, h, self.capacity, d)
+                self._v = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[3])
+                self.device, self.is_initialized = key_states.device, True
+            n = key_states.shape[-2]
+            self._k[:, :, self.length:self.length + n] = key_states
+            self._v[:, :, self.length:self.length + n] = value_states
+            self.length += n
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(config, capacity: int):
+    """transformers' DynamicCache for `config` with its full-attention layers preallocated to `capacity`
+    positions (sliding-window layers, where an LM has them, stay as transformers made them)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    layer = _preallocated_layer()
+    cache.layers = [layer(capacity) if type(lay) is DynamicLayer else lay for lay in cache.layers]
+    return cache
+
+
+# (split fingerprint, encoder checkpoint sha256, features kind) -> (N, F): the jobs of an in-process
+# sweep on the same data and align run encode each split once
+_FROZEN_FEATURES: dict[tuple, torch.Tensor] = {}
+
+
+@torch.no_grad()
+def frozen_features(model: "FusedLM", batches, key: tuple | None = None) -> torch.Tensor:
+    """The frozen encoder's features of a whole split, computed once, in fixed chunks in sample
+    order (the same values whatever the run's history, so a resumed run sees what the uninterrupted
+    one saw): `batches` yields the split's batches in order. -> (N, F) fp32 on the CPU."""
+    if key is not None and key in _FROZEN_FEATURES:
+        return _FROZEN_FEATURES[key]
+    was = model.training
+    model.eval()
+    device = next(model.projector.parameters()).device
+    feats = torch.cat([model.encode({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+                       .float().cpu() for b in batches])
+    model.train(was)
+    if key is not None:
+        for old in [k for k in _FROZEN_FEATURES if k[1:] != key[1:]]:
+            del _FROZEN_FEATURES[old]  # another encoder's: one align run's features are kept at a time
+        _FROZEN_FEATURES[key] = feats
+    return feats
+
+
+def _token_nll(out: FuseOutput) -> torch.Tensor:
+    """(N,) the cross-entropy of each caption token (fp32)."""
+    return F.cross_entropy(out.logits.float(), out.targets, reduction="none")
+
+
+def _per_sample_sum(out: FuseOutput, values: torch.Tensor) -> torch.Tensor:
+    """(N,) per-token values -> (B,) their sum per sample."""
+    return values.new_zeros(out.batch_size).index_add(0, out.rows, values)
+
+
 def caption_loss(out: FuseOutput) -> dict[str, torch.Tensor]:
     """Teacher-forced cross-entropy over caption and eos tokens (mean over real tokens)."""
-    targets = out.targets
-    valid = targets >= 0
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
-    ce = (ce * valid.flatten()).sum() / valid.sum().clamp(min=1)
+    ce = _token_nll(out).sum() / max(1, out.targets.numel())
     return {"loss": ce, "xe": ce.detach()}
 
 
@@ -635,13 +786,11 @@ def soft_text_contrastive(out: FuseOutput, caption: torch.Tensor, groups: torch.
 
 def per_example_xe(out: FuseOutput) -> torch.Tensor:
     """(B,) mean cross-entropy of each sample's caption tokens."""
-    valid = out.targets >= 0
-    ce = F.cross_entropy(out.logits.float().transpose(1, 2), out.targets.clamp(min=0), reduction="none")
-    return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
+    counts = _per_sample_sum(out, torch.ones_like(out.targets, dtype=torch.float32))
+    return _per_sample_sum(out, _token_nll(out)) / counts.clamp(min=1)
 
 
 def scst_loss(out: FuseOutput, advantage: torch.Tensor) -> torch.Tensor:
     """Self-critical policy gradient: -(reward - baseline) x log p(sampled caption), mean over samples."""
-    valid = out.targets >= 0
-    logp = -F.cross_entropy(out.logits.float().transpose(1, 2), out.targets.clamp(min=0), reduction="none")
-    return -(advantage * (logp * valid).sum(1)).mean()
+    logp = _per_sample_sum(out, -_token_nll(out))  # (B,)
+    return -(advantage * logp).mean()

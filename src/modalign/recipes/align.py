@@ -275,7 +275,7 @@ class AlignRecipe:
                                 "ranks (each trains on an equal shard of the global batch)")
             shard = shard_of(t.batch_size, world)
         self.sampler = EpochSampler(self.tensors["train"], t.batch_size, seed, t.accumulate, shard,
-                                    token_noise=self.loss_cfg.mlm_weight > 0)
+                                    token_noise=self.loss_cfg.mlm_weight > 0, bucket=t.bucket_by_length)
         if self.sampler.batch_size < t.batch_size:
             log.warning("trainer.batch_size=%d is larger than the %d training samples; using %d",
                         t.batch_size, len(self.splits["train"]), self.sampler.batch_size)

@@ -39,7 +39,7 @@ PROBE = Path(__file__).resolve().parents[1] / "eval" / "retention_probe.json"
 class FuseEval(Options):
     split: str = "test"
     val_samples: int = 64  # val samples decoded at each evaluation (the first N); the test split is decoded whole
-    batch_size: int = 32
+    batch_size: int = 64  # decoding batch (greedy decoding is bound by reading the LM's weights once per token)
     samples_in_card: int = 8
     retention: bool = True  # text-only perplexity and greedy continuations of a fixed probe, before and after
     meteor: Any = "auto"  # METEOR on the evaluated split: auto (where Java is installed) | true | false
@@ -185,8 +185,9 @@ def _scst_objective_class():
             model, tok, eos, n = r.model, r.lm.tokenizer, r.eos, r.loss_opts.max_new_tokens
             was = model.training
             model.eval()
-            sampled = model.generate(batch, n, eos_token_id=eos, pad_token_id=eos, do_sample=True, with_eos=True)
-            greedy = model.generate(batch, n, eos_token_id=eos, pad_token_id=eos)
+            with r.amp():
+                sampled = model.generate(batch, n, eos_token_id=eos, pad_token_id=eos, do_sample=True, with_eos=True)
+                greedy = model.generate(batch, n, eos_token_id=eos, pad_token_id=eos)
             model.train(was)
             refs = [self.references[i] for i in batch["index"].tolist()]
             texts = [tok.decode([t for t in s if t != eos], skip_special_tokens=True) for s in sampled]
@@ -273,12 +274,13 @@ class FuseRecipe:
                                             soft_text_contrastive)
         from modalign.models.lm import load_lm
         from modalign.train.allocator import tune_malloc
-        from modalign.train.device import resolve_device, set_tf32
+        from modalign.train.device import resolve_device, resolve_precision, set_tf32
 
         self.read_config()
         t = self.trainer_cfg
         self.malloc = tune_malloc(self.env.malloc)
         self.device = resolve_device(self.env.device)
+        self.precision = resolve_precision(t.precision, self.device)
         set_tf32(self.env.tf32)
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -300,7 +302,8 @@ class FuseRecipe:
         self.start_ids = self._start_ids(tok)
         self.table, self.index = self._caption_table(tok)
         groups = torch.arange(len(self.table))
-        self.tensors = {s: PairedTensors(d, self._rows(d), self.table, groups) for s, d in self.splits.items()}
+        self.tensors = {s: PairedTensors(d, self._rows(d), self.table, groups, token_text=True)
+                        for s, d in self.splits.items()}
 
         width = int(lm.config.hidden_size)
         torch.manual_seed(self.seed)  # the trainable parts' init depends on the seed only
@@ -317,7 +320,11 @@ class FuseRecipe:
                              features=self.proj_opts.features)
         if self.start_from is not None:
             self.parents.append(self._start_from(self.start_from))
+        if self.precision == "bf16":
+            self.model.hold_frozen_lm_in(torch.bfloat16)
         self.model.to(self.device)
+        if projector is not None and self.freeze:
+            self._cache_features()
 
         model, weight, temperature = self.model, self.loss_opts.contrastive, self.loss_opts.temperature
 
@@ -340,6 +347,19 @@ class FuseRecipe:
         if t.monitor.removeprefix("val/") not in names:
             raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
                             f"(have: {', '.join('val/' + m for m in names)})")
+
+    def _cache_features(self) -> None:
+        """A frozen encoder's features of every split, computed once per run (not per step and
+        epoch), keyed by the split's fingerprint and the align checkpoint's sha256."""
+        from modalign.models.fusion import frozen_features
+
+        t0 = time.perf_counter()
+        sha = self.parents[0]["sha256"]
+        for s, d in self.splits.items():
+            key = (d.fingerprint(), sha, self.proj_opts.features)
+            self.tensors[s].features = frozen_features(self.model, self.tensors[s].eval_batches(256), key)
+        log.info("frozen encoder features of %s samples cached in %.1f s",
+                 sum(t.n for t in self.tensors.values()), time.perf_counter() - t0)
 
     def _start_from(self, source: str) -> dict:
         """init_from: the trained parts of another fuse run with the same fusion and projector."""
@@ -465,7 +485,7 @@ class FuseRecipe:
         self.model.eval()
         xe, soft_norms, preds = [], [], []
         bs = self.eval_cfg.batch_size
-        with torch.no_grad():
+        with torch.no_grad(), self.amp():
             for start in range(0, n, bs):
                 idx = torch.arange(start, min(n, start + bs))
                 batch = to_device(data.batch(idx), self.device)
@@ -486,6 +506,13 @@ class FuseRecipe:
         predictions = [{"id": str(i), "prediction": p, "references": r} for i, p, r in zip(ids, preds, refs)]
         return Evaluation(metrics, per, extra={"predictions": predictions})
 
+    def amp(self):
+        """The training precision's autocast, for evaluation and decoding too: under bf16 the frozen
+        LM is held in bf16 and the trainable parts in fp32."""
+        from modalign.train.device import autocast
+
+        return autocast(self.device, self.precision)
+
     def retention(self, frozen: bool) -> dict:
         """Text-only perplexity of the probe texts and greedy continuations of the probe prompts, by the
         frozen LM (`frozen`) or by the fused model without modality input."""
@@ -499,7 +526,7 @@ class FuseRecipe:
         bos = self.start_ids[:1] if self.lm_opts.template == "plain" else []
         ctx = model.frozen_lm() if frozen else _null()
         self.model.eval()
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), ctx, self.amp():
             nll, count = 0.0, 0
             for text in probe["texts"]:
                 ids = torch.tensor([bos + tok(text, add_special_tokens=False)["input_ids"] + [self.eos]],

@@ -46,7 +46,8 @@ def single_process_trainer(recipe, name: str, describe: dict, evaluate):
     t = recipe.trainer_cfg
     opt = build_optimizer(recipe.model.components(), recipe.optim_cfg)
     sched = build_scheduler(opt, recipe.optim_cfg, t.max_steps)
-    sampler = EpochSampler(recipe.tensors["train"], t.batch_size, recipe.seed, t.accumulate)
+    sampler = EpochSampler(recipe.tensors["train"], t.batch_size, recipe.seed, t.accumulate,
+                           bucket=t.bucket_by_length)
     resume = recipe.writer.load_checkpoint("last.pt") if recipe.cfg.resume is not None else None
     keep = int(resume["step"]) if resume is not None else (0 if recipe.cfg.resume is not None else None)
     recipe.writer.open_metrics(keep_until_step=keep)  # a resumed run keeps its points up to last.pt

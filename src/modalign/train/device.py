@@ -61,6 +61,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        import logging
+
+        logging.getLogger("modalign").warning(
+            "trainer.precision=bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16 in /proc/cpuinfo): "
+            "torch runs its bf16 matmuls through a reference kernel, tens of times slower than fp32 here")
     if precision == "fp16" and device.type != "cuda":
         raise UserError(f"config: 'trainer.precision'='fp16' needs a CUDA device (this run is on {device.type}; "
                         "fp16 matmuls on CPUs are ~1000x slower than bf16); use bf16 or fp32")

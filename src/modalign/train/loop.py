@@ -46,11 +46,13 @@ class TrainerConfig(Options):
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip the step
     max_nonfinite_skips: int = 10  # skip: stop anyway after this many skipped steps (a run that diverged)
+    bucket_by_length: int = 0  # fuse: batches from groups of this many batches sorted by caption length; 0 = off
 
     def validate(self) -> None:
         for name, low in (("max_steps", 1), ("batch_size", 2), ("accumulate", 1), ("eval_every", 1),
                           ("log_every", 1), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("grad_clip", 0),
-                          ("threads", 0), ("early_stop_patience", 0), ("max_nonfinite_skips", 0)):
+                          ("threads", 0), ("early_stop_patience", 0), ("max_nonfinite_skips", 0),
+                          ("bucket_by_length", 0)):
             at_least(self, name, low)
         at_least(self, "early_stop_min_delta", 0)
         one_of(self, "precision", ("auto", "fp32", "bf16", "fp16"))
