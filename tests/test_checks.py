@@ -218,3 +218,22 @@ def test_a_baseline_run_gives_its_metric_and_a_config_diff(tiny_run, tmp_path, c
     assert p.returncode == 1 and "head.kind" in p.stdout and "trainer.max_steps" in p.stdout and "300" in p.stdout
     p = run_cli(["diff-config", str(tmp_path / "nope"), "x"], tmp_path, cache_dir)
     assert p.returncode == 2 and "not overrides (KEY=VALUE" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_modality_used_fails_a_run_whose_captions_do_not_need_their_modality():
+    info = {"params": {"trainable_by_component": {"projector": 10}, "by_component": {"projector": 10}},
+            "eval": {"split": "test"}}
+    cfg = {"trainer": {"max_steps": 40, "optim": {"projector": {"lr": 1e-3}}}}
+    train = _rows("loss", [4.0, 3.0, 2.0]) + _rows("grad_norm/projector", [1.0, 0.5, 0.2])
+
+    def used(gap, c=cfg):
+        got = {x["name"]: x for x in evaluate(info, c, train, {"split": "test", "test": {"reliance_gap": gap}})}
+        return got.get("modality_used")
+
+    assert used(0.31)["status"] == "pass" and used(0.31)["value"] == 0.31
+    low = used(0.004)
+    assert low["status"] == "fail" and "ignores the modality" in low["message"] and low["threshold"] == 0.02
+    assert used(0.004, {**cfg, "checks": {"modality_used": {"min_gap": 0.001}}})["status"] == "pass"
+    assert used(0.0, {**cfg, "fusion": {"kind": "none"}}) is None  # the floor has no modality input by design
+    assert {x["name"] for x in evaluate(info, cfg, train, {"split": "test", "test": {"cider_d": 50.0}})} \
+        .isdisjoint({"modality_used"})  # a run from before the reliance gap: nothing to judge

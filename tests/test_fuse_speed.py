@@ -6,6 +6,7 @@ its exact-retention guarantee; a frozen encoder is encoded once per run."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def test_a_fuse_run_encodes_its_frozen_encoder_once_and_a_resume_sees_the_same_f
     assert sum(calls) == n
 
 
-def test_a_bf16_fuse_run_through_the_cli_records_its_precision(tmp_path, cache_dir, tiny_lm, tiny_run):
+def test_a_bf16_fuse_run_through_the_cli_records_its_precision_and_reliance(tmp_path, cache_dir, tiny_lm, tiny_run):
     p = run_cli(["train", "--quiet", "--recipe", "fuse", f"lm.path={tiny_lm}", f"encoder.init_from={tiny_run}",
                  *FAST, "fusion=cross_attn", "fusion.layers=[4,20]", "fusion.lora_rank=2", "trainer.precision=bf16",
                  "trainer.max_steps=2", "trainer.eval_every=2", "eval.retention=true"], tmp_path, cache_dir)
@@ -182,3 +183,46 @@ def test_a_bf16_fuse_run_through_the_cli_records_its_precision(tmp_path, cache_d
     summary = json.loads((run / "facts" / "summary.json").read_text())
     assert summary["precision"] == "bf16"
     assert np.isfinite(summary["test"]["retention/ppl_ratio"]) and np.isfinite(summary["test"]["cider_d"])
+    # the reliance instruments: per example in scores.parquet, their means in the summary, and the check
+    import pandas as pd
+
+    scores = pd.read_parquet(run / "facts" / "scores.parquet")
+    for name in ("reliance_gap", "first_token_jsd"):
+        assert scores[name].mean() == pytest.approx(summary["test"][name], rel=1e-4, abs=1e-6)
+    checks = {c["name"]: c for c in json.loads((run / "run.json").read_text())["checks"]}
+    assert checks["modality_used"]["value"] == pytest.approx(summary["test"]["reliance_gap"], abs=1e-5)
+
+
+def test_the_reliance_gap_is_zero_without_modality_and_positive_once_captions_depend_on_it():
+    """A prefix model overfit on four samples with distinct captions needs its own soft tokens to
+    caption (gap > 0 for every sample); the no-modality floor's gap is exactly 0."""
+    from modalign.models.fusion import caption_loss, first_token_jsd, reliance_gap
+
+    g = torch.Generator().manual_seed(5)
+    b = {"tokens_id": torch.zeros(4, 5, dtype=torch.long), "globals": torch.randn(4, 3, generator=g) * 2,
+         "text": torch.tensor([[5, 6, 7, 2], [8, 9, 10, 2], [11, 12, 2, -1], [13, 14, 15, 2]])}
+    floor = fused("none", {"tokens": 3})
+    out = floor(b)
+    assert torch.equal(reliance_gap(floor, b, out), torch.zeros(4))
+    assert float(first_token_jsd(out).max()) < 1e-6  # every sample's first token: the same distribution
+    model = fused("prefix", {})
+    params = [p for ps in model.components().values() for p in ps]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    before = reliance_gap(model, b, model(b))
+    for _ in range(150):
+        loss = caption_loss(model(b))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        gap = reliance_gap(model, b, model(b))
+    assert float(gap.min()) > 0.05 and float(gap.mean()) > 3 * abs(float(before.mean())), (before, gap)
+    with torch.no_grad():  # the four captions start with four different words: so do the distributions
+        jsd = first_token_jsd(model(b))  # (small: a random tiny LM's logits are near-uniform whatever its input)
+    assert float(jsd.min()) > 1e-4 and float(jsd.max()) <= math.log(2), jsd
+    # the first sample's mismatched input can come from outside the batch (the previous batch's last)
+    with torch.no_grad():
+        out = model(b)
+        assert torch.allclose(reliance_gap(model, b, out, donor=out.soft[-1:]), gap)
+        assert float(reliance_gap(model, b, out, donor=out.soft[:1])[0]) == pytest.approx(0.0, abs=1e-6)

@@ -107,3 +107,40 @@ def test_two_ranks_over_nccl_train_like_one_process(gpu_run, tmp_path, cache_dir
     assert info["env"]["backend"] == "nccl" and info["env"]["world_size"] == 2
     a, b = _curve(run), _curve(gpu_run)
     assert set(a) == set(b) and max(abs(a[k] - b[k]) for k in a) < 1e-3, time.time() - start
+
+
+# --- stage 3 on the GPU ------------------------------------------------------------------------
+
+
+def test_a_fuse_run_trains_and_decodes_on_the_gpu_in_bf16_with_the_lm_held_in_bf16(tmp_path, cache_dir, tiny_lm,
+                                                                                    tiny_run):
+    from test_fuse import FAST
+
+    p = run_cli(["train", "--quiet", "--recipe", "fuse", f"lm.path={tiny_lm}", f"encoder.init_from={tiny_run}", *FAST,
+                 "fusion=cross_attn", "fusion.layers=[4,20]", "fusion.lora_rank=2", "env.device=cuda",
+                 "trainer.precision=bf16", "eval.retention=true"], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    info = json.loads((run / "run.json").read_text())
+    summary = json.loads((run / "facts" / "summary.json").read_text())
+    assert info["env"]["device_type"] == "cuda" and summary["precision"] == "bf16"
+    assert summary["test"]["xe"] == summary["test"]["xe"] and len(
+        (run / "facts" / "predictions_test.jsonl").read_text().splitlines()) == 16
+
+
+def test_greedy_decoding_on_the_gpu_matches_transformers_generate_and_closed_gates_equal_the_bf16_lm():
+    from test_fuse import batch, fused, tiny_llama
+    from test_fuse_speed import _hf_greedy
+
+    from modalign.train.device import autocast
+
+    cuda = torch.device("cuda")
+    model = fused("cross_attn", {"layers": [0, 2], "heads": 4}).to(cuda).eval()
+    b = {k: v.to(cuda) for k, v in batch().items()}
+    with torch.no_grad():
+        assert model.generate(b, 8, eos_token_id=2) == _hf_greedy(model, b, 8, 2)
+    reference = tiny_llama().to(cuda, torch.bfloat16)
+    model.hold_frozen_lm_in(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2], [1, 4, 2, 3]], device=cuda)
+    with torch.no_grad(), autocast(cuda, "bf16"), model._signal(model.soft_tokens(b)):
+        assert torch.equal(model.lm(input_ids=ids).logits, reference(input_ids=ids).logits)

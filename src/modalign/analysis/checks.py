@@ -20,6 +20,9 @@ config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1
     beats_baseline        after   the headline metric against checks.baseline.value (when set)
     generic_captions      after   (fuse) the test captions are not all the same: distinct-n (unique
                                   n-grams over all n-grams) at least min_distinct
+    modality_used         after   (fuse, with a modality input) the test reliance gap (caption
+                                  cross-entropy with another sample's modality minus with its own,
+                                  nats/token) is at least min_gap
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gates_move": {"min_change": 1.0e-4},
     "norm_ratio": {"low": 0.25, "high": 4.0},
     "generic_captions": {"n": 2, "min_distinct": 0.1},
+    "modality_used": {"min_gap": 0.02},
 }
 PHASES = ("before", "during", "after")
 
@@ -120,6 +124,9 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
         checks.append(base)
     if predictions is not None and not floor:  # the floor's captions cannot depend on the input
         checks.append(_generic_captions(predictions, st["generic_captions"]))
+    used = None if floor else _modality_used(summary, st["modality_used"])
+    if used is not None:
+        checks.append(used)
     return checks
 
 
@@ -194,6 +201,20 @@ def _generic_captions(preds: list[str], st: dict) -> dict:
            ("; the captions are generic: the LM ignores the modality (compare with fusion=none)" if generic else ""))
     return _check("generic_captions", "after", "fail" if generic else "pass", msg, value=round(distinct, 4),
                   threshold=low)
+
+
+def _modality_used(summary: dict | None, st: dict) -> dict | None:
+    split = (summary or {}).get("split")
+    gap = ((summary or {}).get(split) or {}).get("reliance_gap") if split else None
+    if not _finite(gap):
+        return None  # not a captioning run, or one from before the reliance gap
+    low = float(st["min_gap"])
+    ok = gap >= low
+    msg = (f"reliance gap {gap:.4f} nats/token on {split}: the captions' cross-entropy with another sample's "
+           f"modality minus with their own" +
+           ("" if ok else f"; below {low:g}: the LM ignores the modality (see docs/stage3.md, the gates and "
+                          "the soft tokens' norm)"))
+    return _check("modality_used", "after", "pass" if ok else "fail", msg, value=round(gap, 5), threshold=low)
 
 
 def decision_step(cfg: dict | None) -> int:

@@ -52,6 +52,8 @@ _RULES: list[tuple[str, str, str | None, str]] = [
     (r"rouge_l", "max", "rouge_l", "ROUGE-L"),
     (r"meteor", "max", None, "METEOR"),
     (r"xe", "min", "xe", "caption cross-entropy"),
+    (r"reliance_gap", "max", "reliance_gap", "reliance gap (nats/token)"),
+    (r"first_token_jsd", "max", "first_token_jsd", "first-token JSD to the batch mean"),
     (r"ppl_ratio", "min", None, "perplexity after / before"),
     (r"ppl(_before|_after)?", "min", None, r"perplexity\1"),
     (r"exact_match", "max", None, "continuations unchanged"),

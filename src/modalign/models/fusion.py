@@ -576,9 +576,11 @@ class FusedLM(nn.Module):
             mask.append((text >= 0).long())
         return torch.cat(parts, 1), torch.cat(mask, 1), n_before
 
-    def forward(self, batch: dict) -> FuseOutput:
+    def forward(self, batch: dict, soft: torch.Tensor | None = None) -> FuseOutput:
+        """soft: (B, k, W) soft tokens to use instead of the batch's own (the reliance gap's
+        mismatched pass); None = computed from the batch."""
         text = batch["text"]  # (B, L) caption + eos, -1 padded
-        soft = self.soft_tokens(batch)
+        soft = self.soft_tokens(batch) if soft is None else soft
         b = text.shape[0]
         embeds, mask, n_before = self._inputs(soft, b, text[:, :-1])
         with self._signal(soft):
@@ -788,6 +790,39 @@ def per_example_xe(out: FuseOutput) -> torch.Tensor:
     """(B,) mean cross-entropy of each sample's caption tokens."""
     counts = _per_sample_sum(out, torch.ones_like(out.targets, dtype=torch.float32))
     return _per_sample_sum(out, _token_nll(out)) / counts.clamp(min=1)
+
+
+@torch.no_grad()
+def reliance_gap(model: FusedLM, batch: dict, out: FuseOutput, donor: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) how much each caption relies on its own modality input, in nats per token: the
+    teacher-forced cross-entropy of the caption given another sample's soft tokens (sample i gets
+    sample i-1's; the first gets `donor` (1, k, W), e.g. the previous batch's last, or the batch's
+    last) minus the cross-entropy given its own. 0 for a model without modality input, and for one
+    that ignores it; positive when the modality lowers the caption's loss."""
+    if out.soft is None:
+        return torch.zeros(out.batch_size, device=out.targets.device)
+    first = donor if donor is not None else out.soft[-1:]
+    if out.batch_size == 1 and donor is None:
+        return torch.zeros(1, device=out.targets.device)  # nothing to swap with
+    other = torch.cat([first.to(out.soft.dtype), out.soft[:-1]])  # (B, k, W): sample i gets i-1's
+    return per_example_xe(model(batch, soft=other)) - per_example_xe(out)
+
+
+@torch.no_grad()
+def first_token_jsd(out: FuseOutput) -> torch.Tensor:
+    """(B,) the Jensen-Shannon divergence (nats, at most ln 2) between each sample's distribution of
+    its caption's first token (given only its modality input and the start) and the batch's mean
+    distribution. Near 0 when every sample starts its caption alike: a logit-level view of reliance
+    that greedy decoding hides (a model whose distributions differ but whose argmax does not)."""
+    starts = torch.searchsorted(out.rows, torch.arange(out.batch_size, device=out.rows.device))  # (B,)
+    logp = F.log_softmax(out.logits[starts].float(), dim=-1)  # (B, V)
+    p = logp.exp()
+    mix = 0.5 * (p + p.mean(0, keepdim=True))  # (B, V): (p_i + batch mean) / 2
+    log_mix = mix.clamp_min(1e-30).log()
+    mean = p.mean(0, keepdim=True)
+    kl_p = (p * (logp - log_mix)).sum(-1)
+    kl_mean = (mean * (mean.clamp_min(1e-30).log() - log_mix)).sum(-1)
+    return (0.5 * (kl_p + kl_mean)).clamp_min(0)
 
 
 def scst_loss(out: FuseOutput, advantage: torch.Tensor) -> torch.Tensor:

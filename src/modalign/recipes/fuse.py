@@ -418,8 +418,8 @@ class FuseRecipe:
         return out
 
     def metric_names(self) -> list[str]:
-        return ["xe", "cider_d", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "pred_words", "distinct_preds",
-                "soft_norm_ratio"]
+        return ["xe", "reliance_gap", "first_token_jsd", "cider_d", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "pred_words",
+                "distinct_preds", "soft_norm_ratio"]
 
     def setup_training(self) -> None:
         from modalign.recipes.launch import single_process_trainer
@@ -471,19 +471,21 @@ class FuseRecipe:
         return ok
 
     def evaluate(self, split: str, limit: int | None = None) -> Evaluation:
-        """Teacher-forced cross-entropy, decoded captions and their metrics on `split` (the first
-        `limit` samples), the soft-to-text token norm ratio, and the gates."""
+        """Teacher-forced cross-entropy, the reliance gap and the first token's divergence across the
+        batch (`reliance_gap`, `first_token_jsd`), decoded captions and their
+        metrics on `split` (the first `limit` samples), the soft-to-text token norm ratio, and the gates."""
         import torch
 
         from modalign.eval.captioning import caption_scores
-        from modalign.models.fusion import per_example_xe
+        from modalign.models.fusion import first_token_jsd, per_example_xe, reliance_gap
         from modalign.train.device import to_device
 
         data = self.tensors[split]
         n = data.n if limit is None else min(limit, data.n)
         tok = self.lm.tokenizer
         self.model.eval()
-        xe, soft_norms, preds = [], [], []
+        xe, gap, jsd, soft_norms, preds = [], [], [], [], []
+        donor = None  # the previous batch's last soft tokens: the first sample's mismatched input
         bs = self.eval_cfg.batch_size
         with torch.no_grad(), self.amp():
             for start in range(0, n, bs):
@@ -491,6 +493,9 @@ class FuseRecipe:
                 batch = to_device(data.batch(idx), self.device)
                 out = self.model(batch)
                 xe.append(per_example_xe(out).cpu().numpy())
+                gap.append(reliance_gap(self.model, batch, out, donor).float().cpu().numpy())
+                jsd.append(first_token_jsd(out).cpu().numpy())
+                donor = out.soft[-1:] if out.soft is not None else None
                 soft_norms.append(float(out.soft_norm))
                 rows = self.model.generate(batch, self.decode.max_new_tokens, self.decode.num_beams,
                                            self.decode.length_penalty, eos_token_id=self.eos, pad_token_id=self.eos)
@@ -500,6 +505,10 @@ class FuseRecipe:
         metrics, per = caption_scores(preds, refs, with_meteor=limit is None and self.with_meteor())
         per["xe"] = np.concatenate(xe)
         metrics["xe"] = float(per["xe"].mean())
+        per["reliance_gap"] = np.concatenate(gap)
+        metrics["reliance_gap"] = float(per["reliance_gap"].mean())
+        per["first_token_jsd"] = np.concatenate(jsd)
+        metrics["first_token_jsd"] = float(per["first_token_jsd"].mean())
         metrics["soft_norm_ratio"] = float(np.mean(soft_norms)) / self.model.text_norm
         metrics.update({f"gate/{k}": v for k, v in self.model.fusion.gates().items()})
         ids = self.splits[split].ids[:n]
