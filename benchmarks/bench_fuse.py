@@ -5,8 +5,9 @@ the recipe's step in fp32 against bf16 (where the CPU has native bf16), side by 
 
 Before. The recipe's fp32 step at its defaults, in a fresh process per round, with the code of the
 git revision `--before` (default dd31c65, the last commit before the speed work: captions padded
-to the longest in the data, the LM head on every position) against this checkout's, alternating
-(before, now, now, before, ...); each process times `--steps` steps after 2 warm-up steps.
+to the longest in the data, the LM head on every position) against this checkout's at its defaults
+and with `trainer.bucket_by_length=8`, alternating; each process times `--steps` + 4 steps after 2
+warm-up steps.
 
 Step. ours = `recipe.trainer._train_step()` of a real FuseRecipe (fusion=prefix, the default: k = 8
 soft tokens from the MLP projector, batch 16 demo captions, fp32), composed as `modalign train
@@ -85,18 +86,19 @@ def before_rows(args, rounds: int, steps: int):
         subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
         try:
-            times = {"before": [], "now": []}
+            times = {"before": [], "now": [], "buckets": []}
             for r in range(rounds):
-                for side in (("before", "now") if r % 2 == 0 else ("now", "before")):
+                for side in (list(times) if r % 2 == 0 else list(reversed(times))):
                     src = tree / "src" if side == "before" else root / "src"
-                    m = common.run_worker(["-c", STEP_WORKER, json.dumps(overrides), str(steps)],
+                    extra = ["trainer.bucket_by_length=8"] if side == "buckets" else []
+                    m = common.run_worker(["-c", STEP_WORKER, json.dumps(overrides + extra), str(steps)],
                                           {"PYTHONPATH": str(src), "MODALIGN_CACHE": str(CACHE)})
                     times[side] += m["steps"]
-                print(f"# before/now round {r + 1}/{rounds}: before {common.med(times['before']):.2f} s, "
-                      f"now {common.med(times['now']):.2f} s", file=sys.stderr)
+                print(f"# before/now round {r + 1}/{rounds}: " +
+                      ", ".join(f"{k} {common.med(v):.2f} s" for k, v in times.items()), file=sys.stderr)
         finally:
             subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
-    return times["before"], times["now"]
+    return times
 
 
 def build_recipe(args, *extra: str):
@@ -284,8 +286,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MODALIGN_CACHE", str(CACHE))
-    loads = load_rows(1 if args.quick else args.rounds)
-    before_s, now_s = before_rows(args, args.rounds, args.steps + 2)
+    loads = load_rows(1 if args.quick else max(1, args.rounds - 1))
+    steps = before_rows(args, args.rounds, args.steps + 4)
+    before_s, now_s, buckets_s = steps["before"], steps["now"], steps["buckets"]
     recipe, writer = build_recipe(args, *([f"init_from={args.fuse}"] if args.fuse else []))
     bare = BareLoop(recipe)
     ours_s, bare_s = step_rows(recipe, bare, args.rounds, args.steps)
@@ -304,9 +307,12 @@ def main() -> None:
     common.table(["the recipe's fp32 step, fresh process per round", "median (s)", "min (s)", "speed-up (medians)"],
                  [[f"before ({args.before}: padded to the data's longest caption, LM head on every position)",
                    common.fmt(common.med(before_s)), common.fmt(min(before_s)), "1.00"],
-                  ["now (batch pads to its own captions, length buckets, LM head on caption tokens only)",
+                  ["now, default (a batch pads to its own longest caption, LM head on caption tokens only)",
                    common.fmt(common.med(now_s)), common.fmt(min(now_s)),
-                   common.fmt(common.med(before_s) / common.med(now_s))]])
+                   common.fmt(common.med(before_s) / common.med(now_s))],
+                  ["now, trainer.bucket_by_length=8 (batches grouped by caption length)",
+                   common.fmt(common.med(buckets_s)), common.fmt(min(buckets_s)),
+                   common.fmt(common.med(before_s) / common.med(buckets_s))]])
     common.table(["step, same process, same batches", "ours (s)", "bare transformers loop (s)",
                   "ratio bare/ours (goal >= 0.9)"],
                  [["median", common.fmt(common.med(ours_s)), common.fmt(common.med(bare_s)),
