@@ -92,7 +92,7 @@ def before_rows(args, rounds: int, steps: int):
                     src = tree / "src" if side == "before" else root / "src"
                     extra = ["trainer.bucket_by_length=8"] if side == "buckets" else []
                     m = common.run_worker(["-c", STEP_WORKER, json.dumps(overrides + extra), str(steps)],
-                                          {"PYTHONPATH": str(src), "MODALIGN_CACHE": str(CACHE)})
+                                          {"PYTHONPATH": str(src), "MODALIGN_CACHE": os.environ["MODALIGN_CACHE"]})
                     times[side] += m["steps"]
                 print(f"# before/now round {r + 1}/{rounds}: " +
                       ", ".join(f"{k} {common.med(v):.2f} s" for k, v in times.items()), file=sys.stderr)
