@@ -348,6 +348,13 @@ class FuseRecipe:
             raise UserError(f"config: 'trainer.monitor'={t.monitor!r} is not a validation metric of this run "
                             f"(have: {', '.join('val/' + m for m in names)})")
 
+    def _fingerprint(self, split: str) -> str:
+        """A split's fingerprint, hashed once per run (the feature cache and run.json both need it)."""
+        known = self.__dict__.setdefault("_fingerprints", {})
+        if split not in known:
+            known[split] = self.splits[split].fingerprint()
+        return known[split]
+
     def _cache_features(self) -> None:
         """A frozen encoder's features of every split, computed once per run (not per step and
         epoch), keyed by the split's fingerprint and the align checkpoint's sha256."""
@@ -356,7 +363,7 @@ class FuseRecipe:
         t0 = time.perf_counter()
         sha = self.parents[0]["sha256"]
         for s, d in self.splits.items():
-            key = (d.fingerprint(), sha, self.proj_opts.features)
+            key = (self._fingerprint(s), sha, self.proj_opts.features)
             self.tensors[s].features = frozen_features(self.model, self.tensors[s].eval_batches(256), key)
         log.info("frozen encoder features of %s samples cached in %.1f s",
                  sum(t.n for t in self.tensors.values()), time.perf_counter() - t0)
@@ -448,7 +455,7 @@ class FuseRecipe:
             code=code_info(),
             env=env_info(torch.get_num_threads(), self.device, self.malloc),
             data={"name": self.cfg.data.name, "source": self.data.source, "on_disk": self.data.lazy,
-                  "splits": {s: {"n": len(d), "fingerprint": d.fingerprint()} for s, d in self.splits.items()}},
+                  "splits": {s: {"n": len(d), "fingerprint": self._fingerprint(s)} for s, d in self.splits.items()}},
             parents=self.parents,
             lm={k: self.lm.identity[k] for k in ("name", "sha256", "layers", "width", "vocab", "params")},
             eval={"protocol": "captioning", "version": 1, "split": self.eval_cfg.split, "metrics": self.metric_names(),
