@@ -54,7 +54,8 @@ def batch(n: int = 3):
             "text": torch.tensor([[5, 6, 7, 2], [8, 9, 2, -1], [4, 2, -1, -1]])[:n]}
 
 
-GATED = [("additive", {"layers": [1, 3], "lora_rank": 2}), ("cross_attn", {"layers": [0, 2], "heads": 4, "lora_rank": 2})]
+GATED = [("additive", {"layers": [1, 3], "lora_rank": 2}), ("cross_attn", {"layers": [0, 2], "heads": 4, "lora_rank": 2}),
+         ("safe", {"layers": [0, 2], "heads": 4, "lora_rank": 4}), ("hybrid", {"layers": [1], "heads": 4, "lora_rank": 2})]
 
 
 @pytest.mark.parametrize("kind,options", GATED, ids=[k for k, _ in GATED])
@@ -62,18 +63,20 @@ def test_closed_gates_give_the_frozen_lms_logits_exactly(kind, options):
     reference = tiny_llama()
     model = fused(kind, options, tiny_llama())
     with torch.no_grad():
-        if kind == "additive":
-            for a in model.fusion.alpha.values():
-                a.zero_()  # cross_attn's tanh gates start at 0 already
-        for lora in model.fusion.lora.values():
-            assert torch.count_nonzero(lora.B) == 0  # LoRA B starts at 0
+        if kind in ("additive", "safe"):
+            for a in model.fusion.gate_parameters().values():
+                a.zero_()  # cross_attn's and hybrid's tanh gates start at 0 already
+        loras = [m for m in model.fusion.modules() if type(m).__name__ == "LoRA"]
+        assert loras and all(torch.count_nonzero(lora.B) == 0 for lora in loras)  # LoRA B starts at 0
         ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 2], [1, 4, 2, 3]])
         with model._signal(model.soft_tokens(batch())):
             ours = model.lm(input_ids=ids).logits
         assert torch.equal(ours, reference(input_ids=ids).logits)
         # and with the gates open the modality changes them: the hooks are really in the path
-        for lora in model.fusion.lora.values():
+        for lora in loras:
             lora.B.normal_()
+        for g in model.fusion.gate_parameters().values():
+            g.fill_(0.5)
         with model._signal(model.soft_tokens(batch())):
             assert not torch.equal(model.lm(input_ids=ids).logits, reference(input_ids=ids).logits)
         with model.frozen_lm(), model._signal(model.soft_tokens(batch())):  # the retention baseline: all hooks off
@@ -81,7 +84,7 @@ def test_closed_gates_give_the_frozen_lms_logits_exactly(kind, options):
 
 
 @pytest.mark.parametrize("kind,options", [("prefix", {}), ("none", {"tokens": 3}), ("partial_unfreeze", {"blocks": 1}),
-                                          *GATED], ids=["prefix", "none", "partial_unfreeze", "additive", "cross_attn"])
+                                          *GATED], ids=["prefix", "none", "partial_unfreeze", *[k for k, _ in GATED]])
 def test_every_variant_trains_its_parts_and_checkpoints_no_frozen_lm_weight(kind, options):
     model = fused(kind, options)
     out = model(batch())
@@ -91,7 +94,7 @@ def test_every_variant_trains_its_parts_and_checkpoints_no_frozen_lm_weight(kind
     comps = model.components()
     assert comps, kind
     for name, params in comps.items():
-        if kind == "cross_attn" and name in ("projector", "lora"):
+        if kind in ("cross_attn", "hybrid") and name in ("projector", "adapter", "lora"):
             continue  # behind tanh gates at 0 and LoRA B = 0 they get gradients once the gates open (Flamingo)
         assert sum(float(p.grad.norm()) for p in params if p.grad is not None) > 0, (kind, name)
     state = model.state_dict()

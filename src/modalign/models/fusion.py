@@ -147,6 +147,27 @@ class Fusion(nn.Module):
         self.signal: torch.Tensor | None = None  # (B, k, width) soft tokens of the current batch
         self.enabled = True  # False: the hooks do nothing (the frozen LM as it was)
         self._handles: list = []
+        # {block: [(h, delta)]} while FusedLM measures what the hooks inject (evaluation only)
+        self.recording: dict[int, list] | None = None
+        # rms of the LM's residual stream after each block (index i = block i's output), measured by
+        # FusedLM on real text at build: the scale norm-matched variants inject at
+        self.register_buffer("h_rms", torch.ones(0), persistent=False)
+
+    def _record(self, i: int, h: torch.Tensor, delta: torch.Tensor) -> None:
+        if self.recording is not None:
+            self.recording.setdefault(i, []).append((h.detach(), delta.detach()))
+
+    def calibrate(self, rms: list[float]) -> None:
+        """rms[i]: the root-mean-square of the LM's hidden state after block i (position 0, the
+        attention sink with activations ~100x the rest, left out)."""
+        self.h_rms = torch.tensor(rms, dtype=torch.float32, device=self.h_rms.device)
+
+    def layer_scale(self, i: int) -> torch.Tensor:
+        return self.h_rms[i] if self.h_rms.numel() else torch.ones((), device=self.h_rms.device)
+
+    def gate_parameters(self) -> dict[str, nn.Parameter]:
+        """The variant's gates by name (their own optimizer group `gates`, and a gradient norm each)."""
+        return {}
 
     def prefix(self, soft: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         return None
@@ -165,6 +186,16 @@ class Fusion(nn.Module):
     def components(self) -> dict[str, list[nn.Parameter]]:
         params = [p for p in self.parameters() if p.requires_grad]
         return {"adapter": params} if params else {}
+
+    def _split_gates(self, out: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
+        """components with the gates moved out of every group into their own, `gates`."""
+        gates = list(self.gate_parameters().values())
+        ids = {id(p) for p in gates}
+        out = {k: [p for p in v if id(p) not in ids] for k, v in out.items()}
+        out = {k: v for k, v in out.items() if v}
+        if gates:
+            out["gates"] = gates
+        return out
 
 
 @dataclass
@@ -268,6 +299,9 @@ class AdditiveOptions(Options):
     layers: list = field(default_factory=lambda: [8, 16, 24])  # after which decoder blocks the signal is added
     init: float = 0.3  # the residual scale alpha at init
     max: float = 1.0  # alpha is clamped to [-max, max]
+    bias: bool = False  # biases in the adapter MLP (a bias is a constant steering vector: the same for every sample)
+    center: bool = True  # remove the batch mean of the signal in training (its running mean in evaluation)
+    norm_match: bool = True  # LayerNorm the signal and scale it to the residual stream's rms at that block
     lora_rank: int = 0  # 0 = no LoRA; else rank r on `lora_targets` of the chosen layers
     lora_alpha: float = 16.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -313,10 +347,31 @@ class _LoRAMixin:
         return nn.ModuleDict(out)
 
 
+class Centered(nn.Module):
+    """x minus the batch mean in training (updating a running mean, as batch norm does) and minus the
+    running mean in evaluation: what remains differs from sample to sample, so a path through it
+    cannot collapse into one steering vector for every input."""
+
+    def __init__(self, width: int, momentum: float = 0.05):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] > 1:
+            mean = x.mean(0)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+            return x - mean
+        return x - self.running_mean.to(x.dtype)
+
+
 @register_variant("fusion", "additive", approach="a gated adapter adds the modality signal to the residual stream at chosen layers",
-                  key_features=["residual scale alpha (init, max)", "optional LoRA"], status="experimental",
-                  **MAINTAINERS)
+                  key_features=["residual scale alpha (init, max)", "bias-free, centred, norm-matched signal",
+                                "optional LoRA"], status="experimental", **MAINTAINERS)
 class AdditiveFusion(_LoRAMixin, Fusion):
+    """After each chosen block: h + clamp(alpha)·s_i·LN(center(adapter(LN(mean soft token)))), where
+    s_i is the residual stream's rms at that block (norm_match) and the adapter has no bias."""
     Options = AdditiveOptions
 
     def __init__(self, options, lm, width: int):
@@ -324,13 +379,24 @@ class AdditiveFusion(_LoRAMixin, Fusion):
         n = len(decoder_layers(lm))
         self.opts = options
         self.layer_ids = check_layers(options.layers, n, "fusion.layers")
-        self.adapters = nn.ModuleDict({str(i): nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
-                                       for i in self.layer_ids})
+        self.adapters = nn.ModuleDict({str(i): nn.Sequential(
+            nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, width, bias=options.bias), nn.GELU(),
+            nn.Linear(width, width, bias=options.bias)) for i in self.layer_ids})
+        self.center = nn.ModuleDict({str(i): Centered(width) for i in self.layer_ids}) if options.center else None
         self.alpha = nn.ParameterDict({str(i): nn.Parameter(torch.tensor(float(options.init))) for i in self.layer_ids})
         self.lora = self._build_lora(lm, self.layer_ids, options)
 
     def scale(self, i: int) -> torch.Tensor:
         return self.alpha[str(i)].clamp(-self.opts.max, self.opts.max)
+
+    def delta(self, i: int, signal: torch.Tensor) -> torch.Tensor:
+        """(B, k, W) soft tokens -> (B, W) what block i's output gets added (before the batch is matched)."""
+        add = self.adapters[str(i)](signal.mean(1).float())
+        if self.center is not None:
+            add = self.center[str(i)](add)
+        if self.opts.norm_match:
+            add = F.layer_norm(add, add.shape[-1:]) * self.layer_scale(i)
+        return self.scale(i) * add
 
     def install(self, lm):
         blocks = decoder_layers(lm)
@@ -339,8 +405,9 @@ class AdditiveFusion(_LoRAMixin, Fusion):
                 if not self.enabled or self.signal is None:
                     return output
                 h = _hidden(output)
-                add = self.adapters[str(i)](self.signal.mean(1)).to(h.dtype)  # (B, width)
-                return _replace_hidden(output, h + self.scale(i) * _match_batch(add, h.shape[0])[:, None, :])
+                add = _match_batch(self.delta(i, self.signal), h.shape[0])[:, None, :].to(h.dtype)
+                self._record(i, h, add.expand_as(h))
+                return _replace_hidden(output, h + add)
 
             self._handles.append(blocks[i].register_forward_hook(hook))
         self._install_lora(lm, self.layer_ids, self.opts.lora_targets, "fusion.lora_targets")
@@ -348,11 +415,14 @@ class AdditiveFusion(_LoRAMixin, Fusion):
     def gates(self):
         return {f"alpha_{i}": float(self.scale(i).detach()) for i in self.layer_ids}
 
+    def gate_parameters(self):
+        return {f"alpha_{i}": self.alpha[str(i)] for i in self.layer_ids}
+
     def components(self):
         out = {"adapter": list(self.adapters.parameters()) + list(self.alpha.parameters())}
         if len(self.lora):
             out["lora"] = list(self.lora.parameters())
-        return out
+        return self._split_gates(out)
 
 
 @dataclass
@@ -360,6 +430,9 @@ class CrossAttnOptions(Options):
     layers: list = field(default_factory=lambda: [8, 16, 24])  # after which decoder blocks a gated block sits
     heads: int = 8
     ff_mult: int = 2
+    media_norm: bool = True  # LayerNorm on the soft tokens before keys/values (Flamingo's resampler ends with one)
+    bias: bool = False  # biases in the attention and FF projections (open_flamingo: none)
+    norm_match: bool = True  # the block's output scaled by the residual stream's rms at that block
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -372,24 +445,29 @@ class CrossAttnOptions(Options):
 
 
 class GatedCrossAttention(nn.Module):
-    """h + tanh(g_attn)·attn(LN(h), soft) and then + tanh(g_ff)·FF(LN(h)); both gates start at 0."""
+    """h + tanh(g_attn)·s·attn(LN(h), LN(soft)) and then + tanh(g_ff)·s·FF(LN(h)); both gates start
+    at 0 (s: the residual stream's rms at the block where norm-matched, else 1)."""
 
-    def __init__(self, width: int, heads: int, ff_mult: int):
+    def __init__(self, width: int, heads: int, ff_mult: int, media_norm: bool = True, bias: bool = False):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(width, width * ff_mult), nn.GELU(), nn.Linear(width * ff_mult, width))
+        self.norm1, self.norm2 = nn.LayerNorm(width, bias=bias), nn.LayerNorm(width, bias=bias)
+        self.media_norm = nn.LayerNorm(width, bias=bias) if media_norm else nn.Identity()
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True, bias=bias)
+        self.ff = nn.Sequential(nn.Linear(width, width * ff_mult, bias=bias), nn.GELU(),
+                                nn.Linear(width * ff_mult, width, bias=bias))
         self.gate_attn = nn.Parameter(torch.zeros(()))
         self.gate_ff = nn.Parameter(torch.zeros(()))
 
-    def forward(self, h: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-        a, _ = self.attn(self.norm1(h), soft, soft, need_weights=False)
-        h = h + torch.tanh(self.gate_attn) * a
-        return h + torch.tanh(self.gate_ff) * self.ff(self.norm2(h))
+    def forward(self, h: torch.Tensor, soft: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        m = self.media_norm(soft)
+        a, _ = self.attn(self.norm1(h), m, m, need_weights=False)
+        h = h + torch.tanh(self.gate_attn) * scale * a
+        return h + torch.tanh(self.gate_ff) * scale * self.ff(self.norm2(h))
 
 
 @register_variant("fusion", "cross_attn", approach="gated cross-attention from text to soft tokens at chosen layers (Flamingo-style)",
-                  key_features=["tanh gates at 0", "optional LoRA"], status="experimental", **MAINTAINERS)
+                  key_features=["tanh gates at 0", "LayerNorm'd media, bias-free", "optional LoRA"],
+                  status="experimental", **MAINTAINERS)
 class CrossAttnFusion(_LoRAMixin, Fusion):
     Options = CrossAttnOptions
 
@@ -402,7 +480,8 @@ class CrossAttnFusion(_LoRAMixin, Fusion):
         self.layer_ids = check_layers(options.layers, n, "fusion.layers")
         if width % options.heads:
             raise UserError(f"config: 'fusion.heads'={options.heads} does not divide the LM's width {width}")
-        self.blocks = nn.ModuleDict({str(i): GatedCrossAttention(width, options.heads, options.ff_mult)
+        self.blocks = nn.ModuleDict({str(i): GatedCrossAttention(width, options.heads, options.ff_mult,
+                                                                 options.media_norm, options.bias)
                                      for i in self.layer_ids})
         self.lora = self._build_lora(lm, self.layer_ids, options)
 
@@ -414,7 +493,10 @@ class CrossAttnFusion(_LoRAMixin, Fusion):
                     return output
                 h = _hidden(output)
                 soft = _match_batch(self.signal, h.shape[0]).to(h.dtype)
-                return _replace_hidden(output, self.blocks[str(i)](h, soft))
+                scale = self.layer_scale(i).to(h.dtype) if self.opts.norm_match else 1.0
+                out = self.blocks[str(i)](h, soft, scale)
+                self._record(i, h, out - h)
+                return _replace_hidden(output, out)
 
             self._handles.append(blocks[i].register_forward_hook(hook))
         self._install_lora(lm, self.layer_ids, self.opts.lora_targets, "fusion.lora_targets")
@@ -427,11 +509,166 @@ class CrossAttnFusion(_LoRAMixin, Fusion):
             out[f"ff_{i}"] = float(torch.tanh(b.gate_ff.detach()))
         return out
 
+    def gate_parameters(self):
+        out = {}
+        for i in self.layer_ids:
+            out[f"attn_{i}"], out[f"ff_{i}"] = self.blocks[str(i)].gate_attn, self.blocks[str(i)].gate_ff
+        return out
+
     def components(self):
         out = {"adapter": list(self.blocks.parameters())}
         if len(self.lora):
             out["lora"] = list(self.lora.parameters())
-        return out
+        return self._split_gates(out)
+
+
+@register_variant("fusion", "hybrid", approach="prefix soft tokens and gated cross-attention to them (LLaMA-Adapter V2 style)",
+                  key_features=["early fusion (prefix)", "tanh-gated cross-attention", "optional LoRA"],
+                  status="experimental", **MAINTAINERS)
+class HybridFusion(CrossAttnFusion):
+    """The soft tokens both before the caption (the LM attends to them itself, as under prefix) and
+    as keys/values of gated cross-attention blocks after chosen layers."""
+
+    def prefix(self, soft, batch_size):
+        return soft
+
+
+@dataclass
+class SafeOptions(Options):
+    layers: list = field(default_factory=lambda: [6, 13, 20, 27])  # four blocks spread over SmolLM2's 30
+    heads: int = 8
+    init: float = 0.3  # residual scale at init
+    max: float = 1.0  # the residual scale is clamped to [-max, max]
+    lora_rank: int = 64  # LoRA on the adapter's own query and value projections
+    lora_alpha: float = 64.0
+    train_base: bool = False  # false (SAFE): the adapter's base projections stay at their (seeded) init, LoRA trains
+
+    def validate(self) -> None:
+        at_least(self, "heads", 1)
+        at_least(self, "max", 0.0)
+        require(abs(self.init) <= self.max, "init", self.init, f"it must be within [-max, max] (max={self.max})")
+        at_least(self, "lora_rank", 1)
+        require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "it must be > 0")
+
+
+class SafeAdapter(nn.Module):
+    """Per-token cross-attention from the LM's hidden states (queries) to the modality tokens
+    (keys/values), LoRA on its own query and value projections, its output LayerNorm'd: the delta
+    (B, T, W) a block's output gets, before the residual scale."""
+
+    def __init__(self, width: int, heads: int, rank: int, alpha: float, train_base: bool):
+        super().__init__()
+        self.heads = heads
+        self.norm_h, self.norm_m = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
+        for lin in (self.q, self.k, self.v, self.o):
+            lin.weight.requires_grad_(train_base)
+        self.lora_q, self.lora_v = LoRA(width, width, rank, alpha), LoRA(width, width, rank, alpha)
+        self.out_norm = nn.LayerNorm(width)
+
+    def forward(self, h: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
+        b, t, w = h.shape
+        x, m = self.norm_h(h), self.norm_m(media)
+        q = self.q(x) + self.lora_q(x)
+        k, v = self.k(m), self.v(m) + self.lora_v(m)
+        split = lambda z: z.view(b, z.shape[1], self.heads, w // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, heads, T, W/heads)
+        return self.out_norm(self.o(a.transpose(1, 2).reshape(b, t, w)))
+
+
+@register_variant("fusion", "safe", approach="a SAFE-style gated residual adapter: per-token cross-attention to the modality "
+                  "tokens with LoRA on its query/value, LayerNorm'd delta, clamped residual scale",
+                  key_features=["residual scale (init 0.3, max 1.0)", "LoRA on the adapter's q/v",
+                                "norm-matched to the residual stream"], status="experimental", **MAINTAINERS)
+class SafeFusion(Fusion):
+    """After each chosen block: h + clamp(scale_i)·s_i·LN(o(attn(q(LN h), k(LN m), v(LN m)))), s_i the
+    residual stream's rms at that block; q and v carry LoRA (B = 0 at init), the base projections
+    keep their seeded init unless train_base."""
+    Options = SafeOptions
+
+    def __init__(self, options, lm, width: int):
+        super().__init__()
+        from modalign.errors import UserError
+
+        n = len(decoder_layers(lm))
+        self.opts = options
+        self.layer_ids = check_layers(options.layers, n, "fusion.layers")
+        if width % options.heads:
+            raise UserError(f"config: 'fusion.heads'={options.heads} does not divide the LM's width {width}")
+        self.adapters = nn.ModuleDict({str(i): SafeAdapter(width, options.heads, options.lora_rank, options.lora_alpha,
+                                                           options.train_base) for i in self.layer_ids})
+        self.residual = nn.ParameterDict({str(i): nn.Parameter(torch.tensor(float(options.init))) for i in self.layer_ids})
+
+    def scale(self, i: int) -> torch.Tensor:
+        return self.residual[str(i)].clamp(-self.opts.max, self.opts.max)
+
+    def install(self, lm):
+        blocks = decoder_layers(lm)
+        for i in self.layer_ids:
+            def hook(mod, args, output, i=i):
+                if not self.enabled or self.signal is None:
+                    return output
+                h = _hidden(output)
+                media = _match_batch(self.signal, h.shape[0])
+                delta = self.adapters[str(i)](h.float(), media.float()) * (self.scale(i) * self.layer_scale(i))
+                delta = delta.to(h.dtype)
+                self._record(i, h, delta)
+                return _replace_hidden(output, h + delta)
+
+            self._handles.append(blocks[i].register_forward_hook(hook))
+
+    def gates(self):
+        return {f"scale_{i}": float(self.scale(i).detach()) for i in self.layer_ids}
+
+    def gate_parameters(self):
+        return {f"scale_{i}": self.residual[str(i)] for i in self.layer_ids}
+
+    def components(self):
+        adapter = [p for p in self.adapters.parameters() if p.requires_grad]
+        lora = [p for a in self.adapters.values() for p in (*a.lora_q.parameters(), *a.lora_v.parameters())]
+        ids = {id(p) for p in lora}
+        return self._split_gates({"adapter": [p for p in adapter if id(p) not in ids], "lora": lora})
+
+
+@torch.no_grad()
+def hidden_rms(lm, texts: list[list[int]] | None = None) -> list[float]:
+    """The rms of the frozen LM's residual stream after each decoder block, over the token ids of
+    `texts` (real text: the recipe passes its retention probe; None = 64 seeded random ids), the
+    first position of each left out (the attention sink, whose activations are ~100x the rest)."""
+    blocks = decoder_layers(lm)
+    if texts is None:
+        g = torch.Generator().manual_seed(0)
+        texts = [torch.randint(0, lm.get_input_embeddings().weight.shape[0], (64,), generator=g).tolist()]
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    count = 0
+    seen: dict[int, torch.Tensor] = {}
+    handles = [b.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, _hidden(out)))
+               for i, b in enumerate(blocks)]
+    device = lm.get_input_embeddings().weight.device
+    try:
+        for ids in texts:
+            if len(ids) < 2:
+                continue
+            lm(input_ids=torch.tensor([ids], device=device), use_cache=False)
+            for i, h in seen.items():
+                sums[i] += float(h[0, 1:].float().pow(2).mean(-1).sqrt().sum())
+            count += len(ids) - 1
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(1, count)).tolist()
+
+
+def injection_ratios(sums: dict) -> dict[str, float]:
+    """`FusedLM.measure_injection`'s sums -> {"inject/<block>/batch_mean": r, "inject/<block>/per_sample": r}:
+    r the mean over caption positions of ||part of delta|| / ||h||. The batch-mean part is the same for
+    every sample of a batch (a steering vector that lowers the loss without reading the input); the
+    per-sample part is what can carry the modality."""
+    out = {}
+    for i, (b, p, n) in sorted(sums.items()):
+        out[f"inject/{i}/batch_mean"] = b / max(1, n)
+        out[f"inject/{i}/per_sample"] = p / max(1, n)
+    return out
 
 
 def build_fusion(kind: str, options: dict, lm, width: int) -> Fusion:
@@ -462,7 +699,8 @@ class FusedLM(nn.Module):
     token ids followed by eos, padded with -1."""
 
     def __init__(self, modality: nn.Module | None, lm, projector: Projector | None, fusion: Fusion,
-                 start_ids: list[int], freeze_encoder: bool = True, features: str = "embedding"):
+                 start_ids: list[int], freeze_encoder: bool = True, features: str = "embedding",
+                 probe_ids: list[list[int]] | None = None):
         super().__init__()
         self.modality = modality
         self.lm = lm
@@ -474,6 +712,7 @@ class FusedLM(nn.Module):
         if modality is not None:
             modality.requires_grad_(not freeze_encoder)
         lm.requires_grad_(False)
+        fusion.calibrate(hidden_rms(lm, probe_ids))
         fusion.install(lm)
         emb = lm.get_input_embeddings().weight
         self.text_norm = float(emb.detach().float().norm(dim=-1).mean())
@@ -592,8 +831,37 @@ class FusedLM(nn.Module):
         rows, cols = valid.nonzero(as_tuple=True)  # (N,), (N,)
         h = hidden[rows, cols + (n_before - 1)]  # (N, W)
         logits = self.lm.get_output_embeddings()(h)  # (N, V)
+        if self.fusion.recording is not None:
+            self._injection(rows, cols + (n_before - 1))
         soft_norm = soft.detach().float().norm(dim=-1).mean() if soft is not None else torch.zeros((), device=text.device)
         return FuseOutput(logits, text[rows, cols], rows, b, soft_norm, soft)
+
+    @contextlib.contextmanager
+    def measure_injection(self, sums: dict):
+        """Forward passes inside measure what the fusion's hooks add to the residual stream at the
+        positions that predict caption tokens, accumulated into `sums` across calls (read it with
+        `injection_ratios`)."""
+        self._injected, self.fusion.recording = sums, {}
+        try:
+            yield sums
+        finally:
+            self.fusion.recording, self._injected = None, None
+
+    def _injection(self, rows: torch.Tensor, pos: torch.Tensor) -> None:
+        """Fold the hooks' records of one forward pass (h and delta, (B, T, W) each) into the sums."""
+        records, self.fusion.recording = self.fusion.recording, {}
+        for i, pairs in records.items():
+            h, delta = pairs[-1]  # one pass, one record per block
+            d = delta[rows, pos].float()  # (N, W) at the positions that predict caption tokens
+            hn = h[rows, pos].float().norm(dim=-1).clamp_min(1e-12)  # (N,)
+            span = int(pos.max()) + 1
+            total = d.new_zeros(span, d.shape[1]).index_add(0, pos, d)
+            count = d.new_zeros(span).index_add(0, pos, torch.ones_like(hn))
+            mean = (total / count.clamp(min=1)[:, None])[pos]  # (N, W): the batch mean at each position
+            acc = self._injected.setdefault(i, [0.0, 0.0, 0])
+            acc[0] += float((mean.norm(dim=-1) / hn).sum())
+            acc[1] += float(((d - mean).norm(dim=-1) / hn).sum())
+            acc[2] += int(pos.numel())
 
     def _body(self, embeds, mask):
         base = getattr(self.lm, "model", None) or getattr(self.lm, "transformer")
@@ -628,7 +896,19 @@ class FusedLM(nn.Module):
                  with_eos: bool = False) -> list[list[int]]:
         """Captions for a batch: greedy (num_beams 1), beam search, or sampled from the model's
         distribution (do_sample; temperature 1, no top-k/top-p; torch's global RNG). -> token ids
-        per sample, up to eos (included when `with_eos` and the caption ended with it)."""
+        per sample, up to eos (included when `with_eos` and the caption ended with it). Decoding runs in
+        evaluation mode whatever the model's (a centred adapter then subtracts its running mean, not
+        the batch's: a sample's caption does not depend on its batch)."""
+        was = self.training
+        self.eval()
+        try:
+            return self._generate(batch, max_new_tokens, num_beams, length_penalty, eos_token_id, pad_token_id,
+                                  do_sample, with_eos)
+        finally:
+            self.train(was)
+
+    def _generate(self, batch, max_new_tokens, num_beams, length_penalty, eos_token_id, pad_token_id, do_sample,
+                  with_eos):
         b = batch["tokens_id"].shape[0]
         soft = self.soft_tokens(batch)
         embeds, mask, _ = self._inputs(soft, b, None)

@@ -31,7 +31,7 @@ from modalign.runs.writer import RunWriter
 
 log = logging.getLogger("modalign")
 # optimizer groups; each model has the ones its fusion variant trains (trainer.optim.<component>)
-COMPONENTS = ("projector", "adapter", "lora", "lm_blocks", "prompt", "encoder")
+COMPONENTS = ("projector", "adapter", "gates", "lora", "lm_blocks", "prompt", "encoder")
 PROBE = Path(__file__).resolve().parents[1] / "eval" / "retention_probe.json"
 
 
@@ -317,7 +317,7 @@ class FuseRecipe:
         else:
             modality, self.projector_scale = None, None
         self.model = FusedLM(modality, lm, projector, fusion, self.start_ids, freeze_encoder=self.freeze,
-                             features=self.proj_opts.features)
+                             features=self.proj_opts.features, probe_ids=self._probe_ids(tok))
         if self.start_from is not None:
             self.parents.append(self._start_from(self.start_from))
         if self.precision == "bf16":
@@ -391,6 +391,14 @@ class FuseRecipe:
         log.info("trained parts initialised from %s (step %s)", p, payload.get("step"))
         return {"role": "init", "path": str(p.resolve()), "sha256": sha256_file(p), "step": payload.get("step"),
                 "recipe": "fuse"}
+
+    def _probe_ids(self, tok) -> list[list[int]]:
+        """The retention probe's texts as token ids after the start: real text on which the fusion
+        measures the residual stream's scale at each block (norm-matched variants inject at it)."""
+        import json
+
+        texts = json.loads(PROBE.read_text())["texts"]
+        return [self.start_ids + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     def _start_ids(self, tok) -> list[int]:
         if self.lm_opts.template == "chat":
@@ -484,7 +492,7 @@ class FuseRecipe:
         import torch
 
         from modalign.eval.captioning import caption_scores
-        from modalign.models.fusion import first_token_jsd, per_example_xe, reliance_gap
+        from modalign.models.fusion import first_token_jsd, injection_ratios, per_example_xe, reliance_gap
         from modalign.train.device import to_device
 
         data = self.tensors[split]
@@ -494,11 +502,13 @@ class FuseRecipe:
         xe, gap, jsd, soft_norms, preds = [], [], [], [], []
         donor = None  # the previous batch's last soft tokens: the first sample's mismatched input
         bs = self.eval_cfg.batch_size
+        injected: dict = {}  # what the gated hooks add to the residual stream (inject/<block>/...)
         with torch.no_grad(), self.amp():
             for start in range(0, n, bs):
                 idx = torch.arange(start, min(n, start + bs))
                 batch = to_device(data.batch(idx), self.device)
-                out = self.model(batch)
+                with self.model.measure_injection(injected):
+                    out = self.model(batch)
                 xe.append(per_example_xe(out).cpu().numpy())
                 gap.append(reliance_gap(self.model, batch, out, donor).float().cpu().numpy())
                 jsd.append(first_token_jsd(out).cpu().numpy())
@@ -518,6 +528,7 @@ class FuseRecipe:
         metrics["first_token_jsd"] = float(per["first_token_jsd"].mean())
         metrics["soft_norm_ratio"] = float(np.mean(soft_norms)) / self.model.text_norm
         metrics.update({f"gate/{k}": v for k, v in self.model.fusion.gates().items()})
+        metrics.update(injection_ratios(injected))
         ids = self.splits[split].ids[:n]
         predictions = [{"id": str(i), "prediction": p, "references": r} for i, p, r in zip(ids, preds, refs)]
         return Evaluation(metrics, per, extra={"predictions": predictions})

@@ -247,6 +247,11 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         norms = grad_norms(self.model.components())
+        gates = getattr(getattr(self.model, "fusion", None), "gate_parameters", None)
+        # fused models: each gate's own gradient (before clipping), apart from the adapter weights
+        gate_norms = {} if gates is None else {
+            f"grad_norm/gate/{k}": float(p.grad.detach().float().norm()) if p.grad is not None else 0.0
+            for k, p in gates().items()}
         bad = [k for k, v in totals.items() if not torch.isfinite(v)]
         # under fp16 an overflowing gradient is the loss scaler's business: it skips the step and
         # lowers the scale; a non-finite loss is still a non-finite loss
@@ -264,6 +269,7 @@ class Trainer:
         self.step += 1
         out = {k: float(v) for k, v in totals.items()}
         out.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        out.update(gate_norms)
         for g in self.opt.param_groups:
             out[f"lr/{g['name']}"] = g["lr"]
         if hasattr(self.model, "scale"):  # contrastive models: the learned temperature
