@@ -237,3 +237,27 @@ def test_modality_used_fails_a_run_whose_captions_do_not_need_their_modality():
     assert used(0.0, {**cfg, "fusion": {"kind": "none"}}) is None  # the floor has no modality input by design
     assert {x["name"] for x in evaluate(info, cfg, train, {"split": "test", "test": {"cider_d": 50.0}})} \
         .isdisjoint({"modality_used"})  # a run from before the reliance gap: nothing to judge
+
+
+def test_metric_stable_warns_when_the_validation_metric_collapses_after_its_best_point():
+    """The shape of a gated run that decayed into fragments: val CIDEr-D 251 -> 139 -> 0."""
+    info = {"params": {"trainable_by_component": {"projector": 10}, "by_component": {"projector": 10}},
+            "eval": {"split": "test"}}
+    cfg = {"trainer": {"max_steps": 300, "monitor": "val/cider_d", "monitor_mode": "max",
+                       "optim": {"projector": {"lr": 1e-3}}}}
+    train = _rows("loss", [4.0, 3.0, 2.0]) + _rows("grad_norm/projector", [1.0, 0.5, 0.2])
+    summary = {"split": "test", "test": {"cider_d": 251.0}}
+
+    def stable(values, c=cfg):
+        got = {x["name"]: x for x in evaluate(info, c, train + _val("cider_d", values), summary)}
+        return got.get("metric_stable")
+
+    collapsed = stable([251.0, 139.0, 0.0])
+    assert collapsed["status"] == "warn" and collapsed["value"] == 0.0 and collapsed["threshold"] == 0.5
+    assert "best 251 at step 10" in collapsed["message"] and "collapsed" in collapsed["message"]
+    assert stable([100.0, 180.0, 170.0])["status"] == "pass"  # a dip after the best is not a collapse
+    assert stable([100.0, 180.0]) is None  # two evaluations: too few to judge
+    assert stable([251.0, 139.0, 0.0], {**cfg, "checks": {"metric_stable": {"max_drop": 1.0}}})["status"] == "pass"
+    loss = {**cfg, "trainer": {**cfg["trainer"], "monitor": "val/xe", "monitor_mode": "min"}}
+    got = {x["name"]: x for x in evaluate(info, loss, train + _val("xe", [2.0, 1.0, 1.8]), summary)}
+    assert got["metric_stable"]["status"] == "warn"  # a loss 80% above its best

@@ -288,7 +288,11 @@ def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, c
     # the gradient of every trainable component was logged, and is non-zero
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     grads = {r["name"] for r in rows if r["name"].startswith("grad_norm/") and r["value"] > 0}
-    assert {"grad_norm/projector", "grad_norm/adapter", "grad_norm/lora"} <= grads
+    assert {"grad_norm/projector", "grad_norm/adapter", "grad_norm/lora", "grad_norm/gates"} <= grads
+    # each gate's own gradient, and what each hooked block injects (batch-mean vs per-sample part)
+    assert {f"grad_norm/gate/alpha_{i}" for i in (4, 12, 20)} <= {r["name"] for r in rows}
+    for i in (4, 12, 20):
+        assert test[f"inject/{i}/per_sample"] > 0 and np.isfinite(test[f"inject/{i}/batch_mean"])
     # XE+contrastive: both terms logged, the loss their weighted sum (weight 0.5)
     train = {}
     for r in rows:
@@ -315,6 +319,20 @@ def test_a_fuse_run_writes_captions_metrics_retention_and_provenance(tmp_path, c
     assert init["path"] == str((run / "checkpoints" / "best.pt").resolve()) and len(init["sha256"]) == 64
     rows = [json.loads(line) for line in (scst / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "reward_greedy"} <= {r["name"] for r in rows if r["split"] == "train"}
+    # projector.init_from: another fusion (safe) starts from this run's projector, and only that
+    safe = ["fusion=safe", "fusion.layers=[4,20]", "fusion.heads=4", "fusion.lora_rank=4", f"projector.init_from={run}"]
+    p = run_cli(fuse_args(tiny_lm, tiny_run, *safe, "trainer.max_steps=1", "trainer.eval_every=1",
+                          "trainer.optim.projector.lr=0", "name=warm"), tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    warm = next(r for r in (tmp_path / "outputs" / "runs").iterdir() if r.name.endswith("_fuse_warm"))
+    source = load_checkpoint(run / "checkpoints" / "best.pt")["model"]
+    mine = load_checkpoint(warm / "checkpoints" / "last.pt")["model"]
+    proj = [k for k in source if k.startswith("projector.")]
+    assert proj and all(torch.equal(mine[k], source[k]) for k in proj)  # lr 0: still the additive run's
+    info = json.loads((warm / "run.json").read_text())
+    assert next(x for x in info["parents"] if x["role"] == "projector")["path"] == str((run / "checkpoints" / "best.pt").resolve())
+    p = run_cli(fuse_args(tiny_lm, tiny_run, *safe, "projector.tokens=3", "name=bad"), tmp_path, cache_dir)
+    assert p.returncode == 2 and "its projector.tokens is 8, this run's 3" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_a_fuse_run_killed_or_stopped_by_sigterm_resumes_to_identical_predictions(tmp_path, cache_dir, tiny_lm,
@@ -402,3 +420,36 @@ def test_an_autoencode_checkpoint_is_refused_as_a_stage3_encoder(tmp_path, cache
     p = run_cli(["train", "--quiet", "--recipe", "fuse", f"lm.path={tiny_lm}", f"encoder.init_from={ckpt}", *FAST],
                 tmp_path, cache_dir)
     assert p.returncode == 2 and "not an align run's checkpoint" in p.stderr, p.stderr
+
+
+OVERFIT = [("prefix", {}), ("additive", {"layers": [1, 3]}), ("cross_attn", {"layers": [1, 3], "heads": 4}),
+           ("safe", {"layers": [1, 3], "heads": 4, "lora_rank": 4}), ("hybrid", {"layers": [1], "heads": 4})]
+
+
+@pytest.mark.parametrize("kind,options", OVERFIT, ids=[k for k, _ in OVERFIT])
+def test_every_modality_variant_overfits_four_captions_by_reading_its_input(kind, options):
+    """Four samples with four distinct captions: each variant learns them through its own path (the
+    optimizer groups of conf/trainer/fuse.yaml, their learning rates in proportion), so its reliance gap is positive
+    for every sample and its four greedy captions differ, one per input. `none` stays at 0."""
+    from omegaconf import OmegaConf
+
+    from modalign.models.fusion import caption_loss, reliance_gap
+
+    lrs = OmegaConf.load(Path(__file__).parents[1] / "src/modalign/conf/trainer/fuse.yaml").optim
+    g = torch.Generator().manual_seed(5)
+    b = {"tokens_id": torch.zeros(4, 5, dtype=torch.long), "globals": torch.randn(4, 3, generator=g) * 2,
+         "text": torch.tensor([[5, 6, 7, 2], [8, 9, 10, 2], [11, 12, 2, -1], [13, 14, 15, 2]])}
+    model = fused(kind, options)
+    # the lrs of conf/trainer/fuse.yaml, x3: a tiny random LM, a short budget
+    opt = torch.optim.Adam([{"params": ps, "lr": 3 * float(lrs[name].lr)} for name, ps in model.components().items()])
+    for _ in range(150):
+        loss = caption_loss(model(b))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        gap = reliance_gap(model, b, model(b))
+    assert float(gap.min()) > 0.05, (kind, gap)
+    captions = model.generate(b, 4, eos_token_id=2, pad_token_id=2)
+    assert len({tuple(c) for c in captions}) == 4, (kind, captions)

@@ -210,6 +210,35 @@ def test_a_relative_criterion_judges_each_group_against_the_baseline_pairwise(de
     assert all("baseline group 'head=gated' is not in this report" in v["note"] for v in rep.verdicts)
 
 
+def test_required_checks_and_metric_bounds_override_the_band_verdict(demo_sweep):
+    """criteria.require: a group whose runs miss a requirement gets its verdict whatever the metric says;
+    the baseline of `relative` is exempt; a plan gate with the same criteria refuses the same group."""
+    from modalign.report.build import _verdicts, collect
+
+    sweep, _ = demo_sweep
+    rep = collect([sweep], n_resamples=500)
+
+    def verdicts(require, relative=None):
+        rep.criteria = parse_criteria({**BANDS, "metric": "test/m2t_R@1", "require": require,
+                                       **({"relative": relative} if relative else {})}, "exp.yaml")
+        rep.verdicts = []
+        _verdicts(rep, 500, 0)
+        return {v["group"]: v for v in rep.verdicts}
+
+    plain = verdicts([])
+    met = verdicts([{"check": "loss_falls", "verdict": "blocked", "next": "fix the loss"}])
+    assert {g: v["verdict"] for g, v in met.items()} == {g: v["verdict"] for g, v in plain.items()}
+    assert all("meets every requirement" in v["note"] for v in met.values())
+    # a check these runs never had (align runs have no reliance gap) is not a pass
+    missed = verdicts([{"check": "modality_used", "verdict": "blocked", "next": "check the fusion"}])
+    assert all(v["verdict"] == "blocked" and "requires health check modality_used passes: modality_used not evaluated"
+               in v["line"] for v in missed.values())
+    strict = verdicts([{"metric": "test/m2t_R@1", "min": 1.01, "verdict": "degenerate", "next": "look at the runs"}],
+                      {"baseline": "head=linear", "alpha": 0.5, "verdict": "no gain", "next": "keep the baseline"})
+    assert strict["head=linear"]["verdict"] == "baseline"  # the floor is judged by nothing but itself
+    assert strict["head=mlp"]["verdict"] == "degenerate" and "test/m2t_R@1 >= 1.01" in strict["head=mlp"]["note"]
+
+
 def test_smaller_is_better_criteria_use_max():
     c = parse_criteria({"metric": "test/total_loss", "bands": [{"max": 1.0, "verdict": "good", "next": "go"},
                                                                 {"verdict": "bad", "next": "stop"}]}, "x")
@@ -231,6 +260,13 @@ def test_smaller_is_better_criteria_use_max():
      "criteria.relative.alpha must be a number in (0, 1)"),
     ({"metric": "m", "bands": BANDS["bands"], "relative": {"verdict": "v", "next": "n"}},
      "criteria.relative.baseline must be a non-empty string"),
+    ({"metric": "m", "bands": BANDS["bands"], "require": [{"check": "x", "metric": "y", "verdict": "v", "next": "n"}]},
+     "criteria.require[0] needs exactly one of 'check'"),
+    ({"metric": "m", "bands": BANDS["bands"], "require": [{"metric": "y", "verdict": "v", "next": "n"}]},
+     "criteria.require[0] needs exactly one of 'min' and 'max'"),
+    ({"metric": "m", "bands": BANDS["bands"], "require": [{"check": "x", "verdict": "v"}]},
+     "criteria.require[0].next must be a non-empty string"),
+    ({"metric": "m", "bands": BANDS["bands"], "require": {"check": "x"}}, "criteria.require must be a list"),
 ])
 def test_bad_criteria_name_the_key(criteria, expected):
     with pytest.raises(UserError) as e:

@@ -23,6 +23,10 @@ config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1
     modality_used         after   (fuse, with a modality input) the test reliance gap (caption
                                   cross-entropy with another sample's modality minus with its own,
                                   nats/token) is at least min_gap
+    metric_stable         after   the monitored validation metric did not collapse after its best
+                                  point: the last evaluation keeps at least 1 - max_drop of the best
+                                  (warn: the test metric is the best checkpoint's, but the training is
+                                  unstable; at least `min_evals` evaluations)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "norm_ratio": {"low": 0.25, "high": 4.0},
     "generic_captions": {"n": 2, "min_distinct": 0.1},
     "modality_used": {"min_gap": 0.02},
+    "metric_stable": {"max_drop": 0.5, "min_evals": 3},
 }
 PHASES = ("before", "during", "after")
 
@@ -127,6 +132,10 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
     used = None if floor else _modality_used(summary, st["modality_used"])
     if used is not None:
         checks.append(used)
+    if summary is not None:
+        stable = _metric_stable(val, cfg or {}, st["metric_stable"])
+        if stable is not None:
+            checks.append(stable)
     return checks
 
 
@@ -215,6 +224,32 @@ def _modality_used(summary: dict | None, st: dict) -> dict | None:
            ("" if ok else f"; below {low:g}: the LM ignores the modality (see docs/stage3.md, the gates and "
                           "the soft tokens' norm)"))
     return _check("modality_used", "after", "pass" if ok else "fail", msg, value=round(gap, 5), threshold=low)
+
+
+def _metric_stable(val: list[dict], cfg: dict, st: dict) -> dict | None:
+    trainer = cfg.get("trainer") or {}
+    monitor = str(trainer.get("monitor") or "")
+    leaf = monitor.removeprefix("val/")
+    series = sorted((r["step"], r["value"]) for r in val if r.get("name") == leaf and _finite(r.get("value")))
+    if not monitor or len(series) < max(2, int(st["min_evals"])):
+        return None
+    larger = trainer.get("monitor_mode", "max") != "min"
+    best_step, best = (max if larger else min)(series, key=lambda sv: sv[1])
+    last_step, last = series[-1]
+    drop = float(st["max_drop"])
+    if larger:
+        if best <= 0:
+            return None
+        kept = last / best
+        ok = kept >= 1 - drop
+    else:  # smaller is better (a loss): the last may exceed the best by max_drop of it
+        kept = last
+        ok = last <= best + drop * abs(best)
+    msg = (f"{monitor} {last:.4g} at the last evaluation (step {last_step}), best {best:.4g} at step {best_step}" +
+           ("" if ok else f": it collapsed after its best point (more than {drop:.0%} lost); the test metric is the "
+                          "best checkpoint's, but the training is unstable (a lower lr, fewer steps, or the gates' "
+                          "curves: docs/stage3.md)"))
+    return _check("metric_stable", "after", "pass" if ok else "warn", msg, value=round(kept, 4), threshold=1 - drop)
 
 
 def decision_step(cfg: dict | None) -> int:

@@ -25,6 +25,19 @@ A group clears the baseline when the paired difference (per-example scores, matc
 95% CI on the better side of 0 and p < alpha; otherwise its verdict is the relative verdict,
 whatever its band. The baseline group itself gets the verdict `baseline`.
 
+A p-value on the metric alone can pass a degenerate model (two distinct captions for 300 inputs, one
+of which names a common class, beat the floor at p < 0.001). `require` lists what every completed
+run of a group must also show, each with the verdict a group that misses it gets instead:
+
+    criteria:
+      ...
+      require:
+        - {check: modality_used, verdict: blocked, next: "the LM ignores the modality: ..."}   # a health check that passed
+        - {metric: test/distinct_preds, min: 0.5, verdict: blocked, next: "..."}              # a metric's bound
+
+A group misses a requirement when any of its completed runs does (a check that failed, was skipped
+or was never evaluated; a metric outside its bound or absent). The baseline of `relative` is exempt.
+
 A band holds values >= its `min`; the band without `min` (at most one) catches the rest. For a
 metric where smaller is better, write `max` instead of `min` in every band.
 
@@ -60,11 +73,53 @@ class Relative:
 
 
 @dataclass(frozen=True)
+class Requirement:
+    check: str | None  # a health check every run must have passed
+    metric: str | None  # or a metric every run must have within `bound`
+    bound: float | None
+    smaller: bool  # True: the bound is a max
+    verdict: str
+    next: str
+
+    def describe(self) -> str:
+        if self.check is not None:
+            return f"health check {self.check} passes"
+        return f"{self.metric} {'<=' if self.smaller else '>='} {self.bound:g}"
+
+    def missed(self, runs) -> str | None:
+        """Why `runs` (RunRecords, completed) miss this requirement, or None when every one meets it."""
+        if not runs:
+            return "no completed run"
+        for r in runs:
+            name = r.path.name if hasattr(r.path, "name") else str(r.path)
+            if self.check is not None:
+                status = next((c.get("status") for c in r.info.get("checks") or [] if c.get("name") == self.check), None)
+                if status != "pass":
+                    return f"{self.check} {status or 'not evaluated'} in {name}"
+            else:
+                v = r.metric(self.metric)
+                if v is None or not math.isfinite(v):
+                    return f"{self.metric} missing in {name}"
+                if (v > self.bound) if self.smaller else (v < self.bound):
+                    return f"{self.metric} {v:.4g} in {name}"
+        return None
+
+
+@dataclass(frozen=True)
 class Criteria:
     metric: str
     bands: tuple[Band, ...]  # most favourable first; the catch-all (if any) last
     smaller_is_better: bool = False
     relative: Relative | None = None
+    require: tuple[Requirement, ...] = ()
+
+    def unmet(self, runs) -> tuple[Requirement, str] | None:
+        """The first requirement `runs` miss, with why; None when they meet every one."""
+        for req in self.require:
+            why = req.missed(runs)
+            if why is not None:
+                return req, why
+        return None
 
     def band(self, value: float) -> Band | None:
         for b in self.bands:
@@ -91,9 +146,9 @@ def parse_criteria(obj, where: str) -> Criteria:
     """A `criteria:` mapping -> Criteria; UserError naming `where` and the key on bad input."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: criteria must be a mapping with 'metric' and 'bands', got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"metric", "bands", "relative"})
+    unknown = sorted(set(obj) - {"metric", "bands", "relative", "require"})
     if unknown:
-        raise UserError(f"{where}: criteria.{unknown[0]} is not a criteria key (metric, bands, relative)")
+        raise UserError(f"{where}: criteria.{unknown[0]} is not a criteria key (metric, bands, relative, require)")
     metric = obj.get("metric")
     if not isinstance(metric, str) or not metric:
         raise UserError(f"{where}: criteria.metric must be a metric name such as test/m2t_R@1, got {metric!r}")
@@ -130,7 +185,40 @@ def parse_criteria(obj, where: str) -> Criteria:
     if len(set(bounds)) != len(bounds):
         raise UserError(f"{where}: criteria.bands has two bands with {key} {bounds}")
     relative = _parse_relative(obj["relative"], where) if obj.get("relative") is not None else None
-    return Criteria(metric, tuple(parsed) + ((catch_all,) if catch_all else ()), smaller, relative)
+    require = _parse_require(obj.get("require"), where)
+    return Criteria(metric, tuple(parsed) + ((catch_all,) if catch_all else ()), smaller, relative, require)
+
+
+def _parse_require(items, where: str) -> tuple[Requirement, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise UserError(f"{where}: criteria.require must be a list of {{check|metric, verdict, next}}, got {items!r}")
+    out = []
+    for i, r in enumerate(items):
+        at = f"{where}: criteria.require[{i}]"
+        if not isinstance(r, dict):
+            raise UserError(f"{at} must be a mapping {{check, verdict, next}} or {{metric, min|max, verdict, next}}, got {r!r}")
+        if ("check" in r) == ("metric" in r):
+            raise UserError(f"{at} needs exactly one of 'check' (a health check) and 'metric'")
+        keys = {"check", "verdict", "next"} if "check" in r else {"metric", "min", "max", "verdict", "next"}
+        extra = sorted(set(r) - keys)
+        if extra:
+            raise UserError(f"{at}.{extra[0]} is not a key here ({', '.join(sorted(keys))})")
+        for k in ("verdict", "next", "check" if "check" in r else "metric"):
+            if not isinstance(r.get(k), str) or not r[k].strip():
+                raise UserError(f"{at}.{k} must be a non-empty string, got {r.get(k)!r}")
+        bound, smaller = None, False
+        if "metric" in r:
+            if ("min" in r) == ("max" in r):
+                raise UserError(f"{at} needs exactly one of 'min' and 'max' for {r['metric']}")
+            smaller = "max" in r
+            bound = r["max" if smaller else "min"]
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+                raise UserError(f"{at}.{'max' if smaller else 'min'} must be a finite number, got {bound!r}")
+            bound = float(bound)
+        out.append(Requirement(r.get("check"), r.get("metric"), bound, smaller, r["verdict"], r["next"]))
+    return tuple(out)
 
 
 def _parse_relative(r, where: str) -> Relative:

@@ -55,6 +55,7 @@ class ProjectorOptions(Options):
     output: str = "tanh"  # tanh: tanh(x)·scale | linear: unscaled
     scale: float | None = None  # tanh scale; None = measured from the LM's token embeddings
     features: str = "embedding"  # embedding: the stage-2 shared-space vector | pooled: the encoder's pooled features
+    init_from: str | None = None  # a fuse run (or checkpoint) whose projector this one starts from, whatever its fusion
 
     def validate(self) -> None:
         one_of(self, "kind", ("linear", "mlp"))
@@ -65,6 +66,12 @@ class ProjectorOptions(Options):
         at_least(self, "bottleneck", 0)
         if self.scale is not None:
             require(self.scale > 0, "scale", self.scale, "it must be > 0 (or null: measured from the LM)")
+        require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
+                "init_from", self.init_from, "it must be a fuse run directory or checkpoint (or null)")
+
+    def shape(self) -> dict:
+        """The settings that decide the projector's parameters and outputs (not where it starts from)."""
+        return {k: v for k, v in self.__dict__.items() if k != "init_from"}
 
 
 def auto_scale(embeddings: torch.Tensor) -> float:

@@ -696,8 +696,14 @@ class Executor:
                     nxt = "see the runs' run.log"
                     continue
                 v = judge(g.criteria, stt["mean"], stt["ci_low"], stt["ci_high"])
+                line = v.line(m, stt["mean"], stt["ci_low"], stt["ci_high"])
+                unmet = g.criteria.unmet(grp.completed)
+                if unmet is not None:  # criteria.require: what the metric alone cannot tell
+                    req, why = unmet
+                    v = type(v)(req.verdict, req.next, f"requires {req.describe()}: {why}")
+                    line = v.line(m, stt["mean"], stt["ci_low"], stt["ci_high"])
                 verdicts.append({"group": grp.label, "verdict": v.verdict, "estimate": stt["mean"]})
-                lines.append(v.line(m, stt["mean"], stt["ci_low"], stt["ci_high"]))
+                lines.append(line)
                 if v.verdict not in g.passing:
                     passed, nxt = False, v.next
             if not records:

@@ -320,6 +320,11 @@ class FuseRecipe:
                              features=self.proj_opts.features, probe_ids=self._probe_ids(tok))
         if self.start_from is not None:
             self.parents.append(self._start_from(self.start_from))
+        elif self.proj_opts.init_from is not None:
+            if projector is None:
+                raise UserError(f"config: 'projector.init_from' needs a projector, and fusion={self.variant.name} "
+                                f"has no modality input")
+            self.parents.append(self._projector_from(self.proj_opts.init_from))
         if self.precision == "bf16":
             self.model.hold_frozen_lm_in(torch.bfloat16)
         self.model.to(self.device)
@@ -378,8 +383,10 @@ class FuseRecipe:
         theirs, ours = payload.get("model_config") or {}, self.model_config()
         if payload.get("recipe") != "fuse":
             raise UserError(f"{p}: not a fuse run's checkpoint (init_from continues a stage-3 run)")
+        theirs_proj = {k: v for k, v in (theirs.get("projector") or {}).items() if k != "init_from"}
         for key in ("fusion", "projector", "start_ids"):
-            if theirs.get(key) != ours.get(key):
+            if (theirs_proj if key == "projector" else theirs.get(key)) != (
+                    self.proj_opts.shape() if key == "projector" else ours.get(key)):
                 raise UserError(f"{p}: its {key} settings differ from this run's ({theirs.get(key)} vs {ours.get(key)})")
         if (theirs.get("lm") or {}).get("sha256") != self.lm.identity["sha256"]:
             raise UserError(f"{p}: it was trained on another LM (sha256 {str((theirs.get('lm') or {}).get('sha256'))[:12]}, "
@@ -390,6 +397,47 @@ class FuseRecipe:
             raise UserError(f"{p}: its weights do not fit this run's model ({str(e).splitlines()[0]})") from None
         log.info("trained parts initialised from %s (step %s)", p, payload.get("step"))
         return {"role": "init", "path": str(p.resolve()), "sha256": sha256_file(p), "step": payload.get("step"),
+                "recipe": "fuse"}
+
+    def _projector_from(self, source: str) -> dict:
+        """projector.init_from: only the projector of another fuse run, whatever its fusion (the
+        two-stage recipe of LLaVA and BLIP-2: train the projector under `prefix`, then the gated
+        variant from it). Its projector settings, LM and encoder must be this run's."""
+        from modalign.runs.provenance import sha256_file
+        from modalign.train.checkpoint import load_checkpoint
+
+        p = find_checkpoint(source, "projector.init_from")
+        payload = load_checkpoint(p)
+        theirs = payload.get("model_config") or {}
+        if payload.get("recipe") != "fuse":
+            raise UserError(f"{p}: not a fuse run's checkpoint (projector.init_from takes a stage-3 run's projector)")
+        mine = self.proj_opts.shape()
+        other = {k: v for k, v in (theirs.get("projector") or {}).items() if k != "init_from"}
+        if not other:
+            raise UserError(f"{p}: it has no projector (fusion={(theirs.get('fusion') or {}).get('kind')})")
+        diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
+        if diff:
+            raise UserError(f"{p}: its projector.{diff[0]} is {other.get(diff[0])!r}, this run's {mine.get(diff[0])!r}")
+        if (theirs.get("lm") or {}).get("sha256") != self.lm.identity["sha256"]:
+            raise UserError(f"{p}: it was trained on another LM (sha256 {str((theirs.get('lm') or {}).get('sha256'))[:12]}, "
+                            f"this run's is {self.lm.identity['sha256'][:12]})")
+        run_json = p.parent.parent / "run.json"
+        if run_json.exists():  # the projector reads the encoder's features: they must be the same encoder's
+            import json
+
+            enc = next((q for q in json.loads(run_json.read_text()).get("parents") or [] if q.get("role") == "encoder"), None)
+            if enc is not None and enc.get("sha256") != self.parents[0].get("sha256"):
+                raise UserError(f"{p}: its projector reads another align run's encoder (sha256 {str(enc.get('sha256'))[:12]}, "
+                                f"this run's is {str(self.parents[0].get('sha256'))[:12]})")
+        prefix = "projector."
+        weights = {k[len(prefix):]: v for k, v in payload["model"].items() if k.startswith(prefix)}
+        try:
+            self.model.projector.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UserError(f"{p}: its projector does not fit this run's ({str(e).splitlines()[0]})") from None
+        log.info("projector initialised from %s (step %s, fusion=%s)", p, payload.get("step"),
+                 (theirs.get("fusion") or {}).get("kind"))
+        return {"role": "projector", "path": str(p.resolve()), "sha256": sha256_file(p), "step": payload.get("step"),
                 "recipe": "fuse"}
 
     def _probe_ids(self, tok) -> list[list[int]]:

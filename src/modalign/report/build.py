@@ -217,6 +217,26 @@ def _verdicts(rep: Report, n_resamples: int, random_state: int) -> None:
         rep.verdicts.append(row)
     if rep.criteria.relative is not None:
         _relative_verdicts(rep, m, n_resamples, random_state)
+    if rep.criteria.require:
+        _required(rep)
+
+
+def _required(rep: Report) -> None:
+    """criteria.require: a group whose runs miss a requirement gets its verdict, whatever the metric says."""
+    base = rep.criteria.relative.baseline if rep.criteria.relative is not None else None
+    rows = {v["group"]: v for v in rep.verdicts}
+    for g in rep.groups:
+        v = rows.get(g.label)
+        if v is None or g.label == base or not g.completed:
+            continue
+        unmet = rep.criteria.unmet(g.completed)
+        if unmet is None:
+            v["note"] = "; ".join(x for x in (v["note"], "meets every requirement") if x)
+            continue
+        req, why = unmet
+        v.update(verdict=req.verdict, next=req.next)
+        v["note"] = "; ".join(x for x in (v["note"], f"requires {req.describe()}: {why}") if x)
+        v["line"] = f"{v['metric']} {v['estimate']:.3f} → {req.verdict} → {req.next} (requires {req.describe()}: {why})"
 
 
 def _relative_verdicts(rep: Report, m: str, n_resamples: int, random_state: int) -> None:
