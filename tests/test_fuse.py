@@ -453,3 +453,36 @@ def test_every_modality_variant_overfits_four_captions_by_reading_its_input(kind
     assert float(gap.min()) > 0.05, (kind, gap)
     captions = model.generate(b, 4, eos_token_id=2, pad_token_id=2)
     assert len({tuple(c) for c in captions}) == 4, (kind, captions)
+
+
+def test_the_resampler_turns_per_step_outputs_into_k_tokens_and_never_reads_padding():
+    from modalign.models.fusion import Projector, ProjectorOptions, pack_tokens, pad_tokens
+
+    torch.manual_seed(0)
+    proj = Projector(ProjectorOptions(features="tokens", tokens=3, resampler_layers=2), 16, 32, 0.5)
+    tokens, mask = torch.randn(2, 7, 16), torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    proj.requires_grad_(False)
+    soft = proj(pack_tokens(tokens, mask))
+    assert soft.shape == (2, 3, 32) and float(soft.abs().max()) <= 0.5  # tanh·scale bounds them
+    noisy = tokens.clone()
+    noisy[1, 4:] = 1e3  # what lies under the padding changes nothing
+    assert torch.allclose(proj(pack_tokens(noisy, mask)), soft, atol=1e-6)
+    # the cache pads shorter chunks (patches of other lengths) with masked positions: same soft tokens
+    short = pack_tokens(tokens[1:, :4], mask[1:, :4])
+    assert torch.allclose(proj(pad_tokens([short, pack_tokens(tokens[:1], mask[:1])]))[0], soft[1], atol=1e-6)
+    assert not torch.allclose(soft[0], soft[1])  # and different inputs, different tokens
+
+
+def test_a_fuse_run_resamples_the_encoders_per_step_outputs(tmp_path, cache_dir, tiny_lm, tiny_run):
+    """projector.features=tokens end to end: the frozen encoder's per-step outputs are cached for the
+    run and resampled into k soft tokens; the gated adapter reads them and the run completes."""
+    p = run_cli(["train", "--quiet", "--recipe", "fuse", f"lm.path={tiny_lm}", f"encoder.init_from={tiny_run}", *FAST,
+                 "fusion=safe", "fusion.layers=[4,20]", "fusion.heads=4", "fusion.lora_rank=4",
+                 "projector.features=tokens", "projector.tokens=4"], tmp_path, cache_dir)
+    assert p.returncode == 0, p.stderr
+    run = only_run(tmp_path)
+    test = json.loads((run / "facts" / "summary.json").read_text())["test"]
+    assert np.isfinite(test["reliance_gap"]) and test["soft_norm_ratio"] > 0.25
+    assert "frozen encoder features of" in (run / "run.log").read_text()
+    info = json.loads((run / "run.json").read_text())
+    assert info["params"]["by_component"]["projector"] > 0 and info["variant"]["name"] == "safe"

@@ -55,12 +55,15 @@ class ProjectorOptions(Options):
     output: str = "tanh"  # tanh: tanh(x)·scale | linear: unscaled
     scale: float | None = None  # tanh scale; None = measured from the LM's token embeddings
     features: str = "embedding"  # embedding: the stage-2 shared-space vector | pooled: the encoder's pooled features
+    # | tokens: the encoder's per-step (per-patch) outputs, resampled into k tokens by learned latents
+    resampler_layers: int = 2  # features=tokens: cross-attention layers of the resampler
     init_from: str | None = None  # a fuse run (or checkpoint) whose projector this one starts from, whatever its fusion
 
     def validate(self) -> None:
         one_of(self, "kind", ("linear", "mlp"))
         one_of(self, "output", ("tanh", "linear"))
-        one_of(self, "features", ("embedding", "pooled"))
+        one_of(self, "features", ("embedding", "pooled", "tokens"))
+        at_least(self, "resampler_layers", 1)
         for name in ("tokens", "hidden"):
             at_least(self, name, 1)
         at_least(self, "bottleneck", 0)
@@ -81,10 +84,55 @@ def auto_scale(embeddings: torch.Tensor) -> float:
     return float(norms.mean() / math.sqrt(embeddings.shape[-1]) * math.sqrt(3.0))
 
 
+def pack_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's per-step outputs (B, T, D) and their mask (B, T) as one (B, T, D+1) tensor (the
+    mask as the last channel), so a frozen encoder's token features are cached like any others."""
+    return torch.cat([tokens, mask[..., None].to(tokens.dtype)], -1)
+
+
+def pad_tokens(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Packed token features of different lengths -> one (N, T_max, D+1) tensor, padding masked."""
+    t = max(c.shape[1] for c in chunks)
+    return torch.cat([F.pad(c, (0, 0, 0, t - c.shape[1])) for c in chunks])
+
+
+class Resampler(nn.Module):
+    """Perceiver-style: k learned latents cross-attend to the encoder's per-step outputs (padding
+    masked), each layer attention then feed-forward, pre-norm; a linear map to the LM's width and a
+    LayerNorm at the end. (B, T, D+1) packed tokens -> (B, k, width)."""
+
+    def __init__(self, in_dim: int, width: int, k: int, layers: int):
+        super().__init__()
+        heads = next(h for h in (8, 4, 2, 1) if in_dim % h == 0)
+        self.latents = nn.Parameter(torch.randn(k, in_dim) * in_dim ** -0.5)
+        self.norm_media = nn.LayerNorm(in_dim)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "norm_q": nn.LayerNorm(in_dim), "attn": nn.MultiheadAttention(in_dim, heads, batch_first=True),
+            "norm_ff": nn.LayerNorm(in_dim),
+            "ff": nn.Sequential(nn.Linear(in_dim, 4 * in_dim), nn.GELU(), nn.Linear(4 * in_dim, in_dim))})
+            for _ in range(layers))
+        self.out = nn.Linear(in_dim, width)
+        self.norm_out = nn.LayerNorm(width)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        tokens, valid = packed[..., :-1], packed[..., -1] > 0.5  # (B, T, D), (B, T)
+        valid = valid | ~valid.any(1, keepdim=True)  # a sample without tokens attends to its padding, not to NaN
+        media = self.norm_media(tokens)
+        x = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        for layer in self.layers:
+            a, _ = layer["attn"](layer["norm_q"](x), media, media, key_padding_mask=~valid, need_weights=False)
+            x = x + a
+            x = x + layer["ff"](layer["norm_ff"](x))
+        return self.norm_out(self.out(x))
+
+
 class Projector(nn.Module):
     def __init__(self, opts: ProjectorOptions, in_dim: int, width: int, scale: float):
         super().__init__()
         self.opts, self.width, self.scale = opts, width, float(scale)
+        if opts.features == "tokens":
+            self.net = Resampler(in_dim, width, opts.tokens, opts.resampler_layers)
+            return
         # standardise each sample's features: the stage-2 embedding is L2-normalised (entries ~1/sqrt(D)),
         # which would start the soft tokens ~20x smaller than the LM's token embeddings
         layers: list[nn.Module] = [nn.LayerNorm(in_dim, elementwise_affine=False)]
@@ -99,7 +147,7 @@ class Projector(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features (B, F) -> soft tokens (B, k, width)."""
+        """features (B, F), or packed tokens (B, T, D+1) under features=tokens -> soft tokens (B, k, width)."""
         x = self.net(features).view(features.shape[0], self.opts.tokens, self.width)
         return torch.tanh(x) * self.scale if self.opts.output == "tanh" else x
 
@@ -786,7 +834,10 @@ class FusedLM(nn.Module):
         with grad:
             if self.features == "embedding":
                 return self.modality.encode_modality(batch).embedding
-            feats, _ = self.modality.encoder(batch["tokens_id"], batch["tokens_cont"], batch["mask"], batch["globals"])
+            enc = self.modality.encoder
+            feats, tokens = enc(batch["tokens_id"], batch["tokens_cont"], batch["mask"], batch["globals"])
+            if self.features == "tokens":
+                return pack_tokens(tokens, enc.token_mask(batch["mask"]))
             return feats
 
     def soft_tokens(self, batch: dict) -> torch.Tensor | None:
@@ -1035,8 +1086,9 @@ def frozen_features(model: "FusedLM", batches, key: tuple | None = None) -> torc
     was = model.training
     model.eval()
     device = next(model.projector.parameters()).device
-    feats = torch.cat([model.encode({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
-                       .float().cpu() for b in batches])
+    chunks = [model.encode({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}).float().cpu()
+              for b in batches]
+    feats = pad_tokens(chunks) if chunks[0].dim() == 3 else torch.cat(chunks)
     model.train(was)
     if key is not None:
         for old in [k for k in _FROZEN_FEATURES if k[1:] != key[1:]]:
