@@ -14,7 +14,8 @@ config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1
                                   at some logged step
     temperature_free      during  the learned temperature is not pinned at its clamp (contrastive)
     no_nonfinite_steps    during  no step was skipped for a non-finite loss or gradient
-    gates_move            during  (fuse, gated fusion) some gate moved from its initial value
+    gates_move            during  (fuse, gated fusion, trainer.optim.gates.lr > 0) some gate moved from
+                                  its initial value
     norm_ratio            during  (fuse) the soft tokens' norm over the LM's token-embedding norm
                                   stays within [low, high] at the last evaluation
     beats_baseline        after   the headline metric against checks.baseline.value (when set)
@@ -163,7 +164,9 @@ def _gates_move(val: list[dict], cfg: dict, st: dict) -> dict | None:
     for r in val:
         if r["name"].startswith("gate/") and _finite(r["value"]):
             series.setdefault(r["name"], []).append(r["value"])
-    lr = float((((cfg.get("trainer") or {}).get("optim") or {}).get("adapter") or {}).get("lr", 0) or 0)
+    optim = (cfg.get("trainer") or {}).get("optim") or {}
+    group = "gates" if "gates" in optim else "adapter"  # runs from before the gates' own group: the adapter's
+    lr = float((optim.get(group) or {}).get("lr", 0) or 0)
     if not series or lr <= 0:
         return None  # no gates (prefix, none), or gates the config keeps fixed
     moved = {k: max(abs(x - v[0]) for x in v) for k, v in series.items()}
@@ -175,7 +178,7 @@ def _gates_move(val: list[dict], cfg: dict, st: dict) -> dict | None:
     if moved[top] < threshold:
         return _check("gates_move", "during", "fail",
                       f"no gate moved by {threshold:g} or more ({len(moved)} gates; largest change {moved[top]:.3g} "
-                      f"at {top}) though trainer.optim.adapter.lr={lr:g}: the adapters receive no signal",
+                      f"at {top}) though trainer.optim.{group}.lr={lr:g}: the adapters receive no signal",
                       value=round(moved[top], 6), threshold=threshold)
     return _check("gates_move", "during", "pass", f"{top} moved by {moved[top]:.3g}", value=round(moved[top], 6),
                   threshold=threshold)

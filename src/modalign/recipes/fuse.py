@@ -455,8 +455,23 @@ class FuseRecipe:
             ids = tok.apply_chat_template([{"role": "user", "content": self.lm_opts.prompt}],
                                           add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        return [int(bos)]
+        bos = int(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+        if self.lm_opts.template == "assistant":
+            header = self._assistant_header(tok)  # SmolLM2: <|im_start|>assistant\n, its bos already first
+            return [bos] + (header[1:] if header and header[0] == bos else header)
+        return [bos]
+
+    def _assistant_header(self, tok) -> list[int]:
+        """The chat template's header of an assistant turn (what add_generation_prompt appends), as ids."""
+        if not getattr(tok, "chat_template", None):
+            raise UserError(f"config: 'lm.template'=assistant, but the LM {self.lm_opts.name} has no chat template")
+        turn = [{"role": "user", "content": "x"}]
+        full = tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        bare = tok.apply_chat_template(turn, add_generation_prompt=False, tokenize=False)
+        if not full.startswith(bare) or full == bare:
+            raise UserError(f"config: 'lm.template'=assistant: the chat template of {self.lm_opts.name} has no "
+                            f"assistant header to start from (use lm.template=chat or plain)")
+        return list(tok(full[len(bare):], add_special_tokens=False)["input_ids"])
 
     def _caption_table(self, tok):
         """Every distinct caption as LM token ids + eos, padded with -1 -> (table (U, L), {text: row})."""
@@ -598,7 +613,7 @@ class FuseRecipe:
 
         probe = json.loads(PROBE.read_text())
         tok, model = self.lm.tokenizer, self.model
-        bos = self.start_ids[:1] if self.lm_opts.template == "plain" else []
+        bos = self.start_ids[:1] if self.lm_opts.template in ("plain", "assistant") else []
         ctx = model.frozen_lm() if frozen else _null()
         self.model.eval()
         with torch.no_grad(), ctx, self.amp():
