@@ -384,7 +384,7 @@ def test_bad_fuse_input_is_one_line_and_exit_2(tmp_path, cache_dir, tiny_lm, tin
     (["projector.tokens=0"], "config: 'projector.tokens' is 0; it must be >= 1"),
     (["projector.scale=-1"], "config: 'projector.scale' is -1.0; it must be > 0"),
     (["decode.num_beams=0"], "config: 'decode.num_beams' is 0; it must be >= 1"),
-    (["lm.template=alpaca"], "config: 'lm.template' is 'alpaca'; expected one of plain, chat"),
+    (["lm.template=alpaca"], "config: 'lm.template' is 'alpaca'; expected one of plain, assistant, chat"),
     (["fusion=cross_attn", "fusion.heads=7"], None),
     (["+encoder.width=64"], "config: unknown key 'encoder.width'"),
     (["encoder.init_from=auto", "data=npz", "data.path=x.npz"], "'encoder.init_from'=auto trains an align run on the demo data only"),
@@ -486,3 +486,23 @@ def test_a_fuse_run_resamples_the_encoders_per_step_outputs(tmp_path, cache_dir,
     assert "frozen encoder features of" in (run / "run.log").read_text()
     info = json.loads((run / "run.json").read_text())
     assert info["params"]["by_component"]["projector"] > 0 and info["variant"]["name"] == "safe"
+
+
+def test_each_template_puts_its_start_before_the_caption(tiny_lm):
+    """plain: the bos alone (SmolLM2's bos is <|im_start|>, an unfinished role header: gated variants
+    cannot steer the first caption token from that attention-sink position); assistant: the chat
+    template's assistant header; chat: a whole user turn, then that header."""
+    from transformers import AutoTokenizer
+
+    from modalign.models.lm import LMOptions
+    from modalign.recipes.fuse import FuseRecipe
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_lm), local_files_only=True)
+    recipe = FuseRecipe.__new__(FuseRecipe)
+    starts = {}
+    for template in ("plain", "assistant", "chat"):
+        recipe.lm_opts = LMOptions(template=template)
+        starts[template] = recipe._start_ids(tok)
+    assert starts["plain"] == [tok.bos_token_id] and tok.decode(starts["plain"]) == "<|im_start|>"
+    assert tok.decode(starts["assistant"]) == "<|im_start|>assistant\n"
+    assert tok.decode(starts["chat"]).endswith("Describe the recording.<|im_end|>\n<|im_start|>assistant\n")

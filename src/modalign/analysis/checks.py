@@ -25,7 +25,8 @@ config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1
                                   cross-entropy with another sample's modality minus with its own,
                                   nats/token) is at least min_gap
     metric_stable         after   the monitored validation metric did not collapse after its best
-                                  point: the last evaluation keeps at least 1 - max_drop of the best
+                                  point: the mean of the last two evaluations keeps at least
+                                  1 - max_drop of the best
                                   (warn: the test metric is the best checkpoint's, but the training is
                                   unstable; at least `min_evals` evaluations)
 """
@@ -238,21 +239,20 @@ def _metric_stable(val: list[dict], cfg: dict, st: dict) -> dict | None:
         return None
     larger = trainer.get("monitor_mode", "max") != "min"
     best_step, best = (max if larger else min)(series, key=lambda sv: sv[1])
-    last_step, last = series[-1]
+    last_step = series[-1][0]
+    last = (series[-1][1] + series[-2][1]) / 2  # the last two evaluations: one noisy point is not a collapse
     drop = float(st["max_drop"])
-    if larger:
-        if best <= 0:
-            return None
-        kept = last / best
-        ok = kept >= 1 - drop
-    else:  # smaller is better (a loss): the last may exceed the best by max_drop of it
-        kept = last
-        ok = last <= best + drop * abs(best)
-    msg = (f"{monitor} {last:.4g} at the last evaluation (step {last_step}), best {best:.4g} at step {best_step}" +
+    if best <= 0:
+        return None
+    kept = last / best
+    # larger is better: keep at least 1 - max_drop of the best; smaller (a loss): exceed it by at most max_drop
+    ok = kept >= 1 - drop if larger else kept <= 1 + drop
+    msg = (f"{monitor} {last:.4g} over the last two evaluations (to step {last_step}), best {best:.4g} at step {best_step}" +
            ("" if ok else f": it collapsed after its best point (more than {drop:.0%} lost); the test metric is the "
                           "best checkpoint's, but the training is unstable (a lower lr, fewer steps, or the gates' "
                           "curves: docs/stage3.md)"))
-    return _check("metric_stable", "after", "pass" if ok else "warn", msg, value=round(kept, 4), threshold=1 - drop)
+    return _check("metric_stable", "after", "pass" if ok else "warn", msg, value=round(kept, 4),
+                  threshold=1 - drop if larger else 1 + drop)
 
 
 def decision_step(cfg: dict | None) -> int:

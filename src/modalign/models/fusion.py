@@ -74,7 +74,20 @@ class ProjectorOptions(Options):
 
     def shape(self) -> dict:
         """The settings that decide the projector's parameters and outputs (not where it starts from)."""
-        return {k: v for k, v in self.__dict__.items() if k != "init_from"}
+        return projector_shape(self.__dict__)
+
+
+def projector_shape(settings: dict) -> dict:
+    """A run's projector settings (as its checkpoint records them, perhaps from before a key existed)
+    -> the ones that decide its parameters and outputs: defaults filled in, `init_from` left out,
+    `resampler_layers` only under features=tokens."""
+    known = {f for f in ProjectorOptions.__dataclass_fields__}
+    out = {**{f: ProjectorOptions.__dataclass_fields__[f].default for f in known},
+           **{k: v for k, v in (settings or {}).items() if k in known}}
+    out.pop("init_from", None)
+    if out.get("features") != "tokens":
+        out.pop("resampler_layers", None)
+    return out
 
 
 def auto_scale(embeddings: torch.Tensor) -> float:
@@ -410,13 +423,17 @@ class Centered(nn.Module):
     def __init__(self, width: int, momentum: float = 0.05):
         super().__init__()
         self.momentum = momentum
+        self.use_running = False  # True: the running mean in training too (SCST scores what eval-mode sampling drew)
         self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] > 1:
+        if self.training and not self.use_running and x.shape[0] > 1:
             mean = x.mean(0)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+            with torch.no_grad():  # the plain average of the first 1/momentum batches, then an EMA
+                weight = max(self.momentum, 1.0 / float(self.count + 1))
+                self.running_mean.lerp_(mean.detach().float(), weight)
+                self.count += 1
             return x - mean
         return x - self.running_mean.to(x.dtype)
 

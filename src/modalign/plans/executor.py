@@ -697,7 +697,9 @@ class Executor:
                     continue
                 v = judge(g.criteria, stt["mean"], stt["ci_low"], stt["ci_high"])
                 line = v.line(m, stt["mean"], stt["ci_low"], stt["ci_high"])
-                unmet = g.criteria.unmet(grp.completed)
+                rel = g.criteria.relative
+                exempt = rel is not None and grp.label == rel.baseline  # the floor is judged by nothing but itself
+                unmet = None if exempt else g.criteria.unmet(grp.completed)
                 if unmet is not None:  # criteria.require: what the metric alone cannot tell
                     req, why = unmet
                     v = type(v)(req.verdict, req.next, f"requires {req.describe()}: {why}")

@@ -347,6 +347,12 @@ class FuseRecipe:
                     terms["contrastive"] = c.detach()
                 return terms
 
+        if self.loss_opts.kind == "scst":
+            from modalign.models.fusion import Centered
+
+            for m in self.model.modules():  # captions are sampled in eval mode: score them with the same model
+                if isinstance(m, Centered):
+                    m.use_running = True
         self.objective = SCSTObjective(self) if self.loss_opts.kind == "scst" else Objective()
         names = self.metric_names()
         if t.monitor.removeprefix("val/") not in names:
@@ -375,6 +381,7 @@ class FuseRecipe:
 
     def _start_from(self, source: str) -> dict:
         """init_from: the trained parts of another fuse run with the same fusion and projector."""
+        from modalign.models.fusion import projector_shape
         from modalign.runs.provenance import sha256_file
         from modalign.train.checkpoint import load_checkpoint
 
@@ -383,7 +390,7 @@ class FuseRecipe:
         theirs, ours = payload.get("model_config") or {}, self.model_config()
         if payload.get("recipe") != "fuse":
             raise UserError(f"{p}: not a fuse run's checkpoint (init_from continues a stage-3 run)")
-        theirs_proj = {k: v for k, v in (theirs.get("projector") or {}).items() if k != "init_from"}
+        theirs_proj = projector_shape(theirs.get("projector") or {})
         for key in ("fusion", "projector", "start_ids"):
             if (theirs_proj if key == "projector" else theirs.get(key)) != (
                     self.proj_opts.shape() if key == "projector" else ours.get(key)):
@@ -403,6 +410,7 @@ class FuseRecipe:
         """projector.init_from: only the projector of another fuse run, whatever its fusion (the
         two-stage recipe of LLaVA and BLIP-2: train the projector under `prefix`, then the gated
         variant from it). Its projector settings, LM and encoder must be this run's."""
+        from modalign.models.fusion import projector_shape
         from modalign.runs.provenance import sha256_file
         from modalign.train.checkpoint import load_checkpoint
 
@@ -412,9 +420,9 @@ class FuseRecipe:
         if payload.get("recipe") != "fuse":
             raise UserError(f"{p}: not a fuse run's checkpoint (projector.init_from takes a stage-3 run's projector)")
         mine = self.proj_opts.shape()
-        other = {k: v for k, v in (theirs.get("projector") or {}).items() if k != "init_from"}
-        if not other:
+        if not theirs.get("projector"):
             raise UserError(f"{p}: it has no projector (fusion={(theirs.get('fusion') or {}).get('kind')})")
+        other = projector_shape(theirs["projector"])
         diff = sorted(k for k in set(mine) | set(other) if mine.get(k) != other.get(k))
         if diff:
             raise UserError(f"{p}: its projector.{diff[0]} is {other.get(diff[0])!r}, this run's {mine.get(diff[0])!r}")

@@ -197,9 +197,15 @@ class Trainer:
         return out
 
     def load_state(self, payload: dict) -> None:
-        self.model.load_state_dict(payload["model"])
-        self.objective.load_state_dict(payload["objective"])
-        self.opt.load_state_dict(payload["optimizer"])  # moves its state to the parameters' device
+        from modalign.errors import UserError
+
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.objective.load_state_dict(payload["objective"])
+            self.opt.load_state_dict(payload["optimizer"])  # moves its state to the parameters' device
+        except (RuntimeError, ValueError, KeyError) as e:  # another version's or configuration's layout
+            raise UserError(f"resume: the checkpoint does not fit this run's model or optimizer "
+                            f"({str(e).splitlines()[0]}); was it written by another modalign version or config?") from None
         self.sched.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         if self.scaler is not None and "scaler" in payload:
