@@ -263,3 +263,29 @@ def test_metric_stable_warns_when_the_validation_metric_collapses_after_its_best
     loss = {**cfg, "trainer": {**cfg["trainer"], "monitor": "val/xe", "monitor_mode": "min"}}
     got = {x["name"]: x for x in evaluate(info, loss, train + _val("xe", [2.0, 1.0, 1.8, 1.8]), summary)}
     assert got["metric_stable"]["status"] == "warn" and got["metric_stable"]["threshold"] == 1.5  # 80% above its best
+
+
+def test_generic_captions_judges_distinct_n_against_the_references_of_the_same_samples():
+    """Long templated captions have a low corpus distinct-2 whatever the model: 48 different captions
+    for 120 samples, built from a few phrases, are not generic when their references are as
+    repetitive; two captions for 120 samples are."""
+    info = {"params": {"trainable_by_component": {"projector": 10}, "by_component": {"projector": 10}},
+            "eval": {"split": "test"}}
+    cfg = {"trainer": {"max_steps": 40, "optim": {"projector": {"lr": 1e-3}}}}
+    who, what, when = ["a resident", "someone", "the occupant"], ["sleeps in the bedroom", "cooks in the kitchen",
+                                                                  "showers in the bathroom", "watches tv"], \
+        ["in the morning", "at night", "in the afternoon", "late at night"]
+    refs = [f"{who[i % 3]} {what[i % 4]} {when[i // 12 % 4]} for a long while" for i in range(120)]
+    preds = [f"{who[(i + 1) % 3]} {what[i % 4]} {when[i // 12 % 4]} for a long time" for i in range(120)]
+    rows = [{"prediction": p, "references": [r]} for p, r in zip(preds, refs)]
+
+    def generic(predictions):
+        return {x["name"]: x for x in evaluate(info, cfg, [], None, predictions)}["generic_captions"]
+
+    absolute = generic(preds)  # without references: the absolute threshold calls them generic
+    assert absolute["status"] == "fail" and absolute["threshold"] == 0.1
+    relative = generic(rows)
+    assert relative["status"] == "pass" and relative["threshold"] == 0.5 and relative["value"] > 0.8
+    assert "of the references'" in relative["message"]
+    two = [{"prediction": preds[i % 2], "references": [r]} for i, r in enumerate(refs)]
+    assert generic(two)["status"] == "fail" and "2 different captions of 120" in generic(two)["message"]

@@ -20,7 +20,8 @@ config group `checks` (conf/checks/default.yaml; `checks.loss_falls.min_drop=0.1
                                   stays within [low, high] at the last evaluation
     beats_baseline        after   the headline metric against checks.baseline.value (when set)
     generic_captions      after   (fuse) the test captions are not all the same: distinct-n (unique
-                                  n-grams over all n-grams) at least min_distinct
+                                  n-grams over all n-grams) at least min_ratio of the first
+                                  references' distinct-n (min_distinct where there are none)
     modality_used         after   (fuse, with a modality input) the test reliance gap (caption
                                   cross-entropy with another sample's modality minus with its own,
                                   nats/token) is at least min_gap
@@ -44,7 +45,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "baseline": {"metric": None, "value": None, "run": None},
     "gates_move": {"min_change": 1.0e-4},
     "norm_ratio": {"low": 0.25, "high": 4.0},
-    "generic_captions": {"n": 2, "min_distinct": 0.1},
+    "generic_captions": {"n": 2, "min_distinct": 0.1, "min_ratio": 0.5},
     "modality_used": {"min_gap": 0.02},
     "metric_stable": {"max_drop": 0.5, "min_evals": 3},
 }
@@ -130,7 +131,9 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
     if base is not None:
         checks.append(base)
     if predictions is not None and not floor:  # the floor's captions cannot depend on the input
-        checks.append(_generic_captions(predictions, st["generic_captions"]))
+        preds = [p if isinstance(p, str) else p["prediction"] for p in predictions]
+        refs = [p["references"][0] for p in predictions if not isinstance(p, str) and p.get("references")]
+        checks.append(_generic_captions(preds, refs if len(refs) == len(preds) else None, st["generic_captions"]))
     used = None if floor else _modality_used(summary, st["modality_used"])
     if used is not None:
         checks.append(used)
@@ -141,8 +144,9 @@ def evaluate(info: dict, cfg: dict | None, rows: list[dict], summary: dict | Non
     return checks
 
 
-def read_predictions(run_dir, info: dict) -> list[str] | None:
-    """A captioning run's test captions (facts/predictions_<split>.jsonl), or None."""
+def read_predictions(run_dir, info: dict) -> list[dict] | None:
+    """A captioning run's test captions with their references (facts/predictions_<split>.jsonl):
+    [{"prediction", "references"}], or None."""
     import json
     from pathlib import Path
 
@@ -154,8 +158,9 @@ def read_predictions(run_dir, info: dict) -> list[str] | None:
     with open(f, encoding="utf-8") as fh:
         for line in fh:
             try:
-                out.append(str(json.loads(line)["prediction"]))
-            except (ValueError, KeyError):
+                row = json.loads(line)
+                out.append({"prediction": str(row["prediction"]), "references": list(row.get("references") or [])})
+            except (ValueError, KeyError, TypeError):
                 continue
     return out
 
@@ -199,20 +204,37 @@ def _norm_ratio(val: list[dict], st: dict) -> dict | None:
                   value=round(last, 4), threshold=[low, high])
 
 
-def _generic_captions(preds: list[str], st: dict) -> dict:
-    n, low = int(st["n"]), float(st["min_distinct"])
+def _distinct(texts: list[str], n: int) -> float:
+    """Unique n-grams over all n-grams of a corpus (0 when it has none)."""
     grams, total = set(), 0
-    for p in preds:
+    for p in texts:
         words = p.lower().split()
         for i in range(len(words) - n + 1):
             grams.add(tuple(words[i:i + n]))
             total += 1
-    distinct = len(grams) / total if total else 0.0
+    return len(grams) / total if total else 0.0
+
+
+def _generic_captions(preds: list[str], refs: list[str] | None, st: dict) -> dict:
+    """Distinct-n of a corpus falls as the corpus grows and is low for templated captions, so where
+    the references are at hand the test is relative: the captions' distinct-n against the first
+    references' of the same samples (min_ratio); else the absolute min_distinct."""
+    n = int(st["n"])
+    distinct = _distinct(preds, n)
     unique = len(set(preds))
-    generic = unique <= 1 or distinct < low
-    msg = (f"{unique} different captions of {len(preds)}; distinct-{n} {distinct:.3f}" +
+    if refs:
+        ref = _distinct(refs, n)
+        ratio = distinct / ref if ref > 0 else 0.0
+        low = float(st["min_ratio"])
+        generic = unique <= 1 or ratio < low
+        value, what = ratio, f"distinct-{n} {distinct:.3f}, {ratio:.2f} of the references' {ref:.3f}"
+    else:
+        low = float(st["min_distinct"])
+        generic = unique <= 1 or distinct < low
+        value, what = distinct, f"distinct-{n} {distinct:.3f}"
+    msg = (f"{unique} different captions of {len(preds)}; {what}" +
            ("; the captions are generic: the LM ignores the modality (compare with fusion=none)" if generic else ""))
-    return _check("generic_captions", "after", "fail" if generic else "pass", msg, value=round(distinct, 4),
+    return _check("generic_captions", "after", "fail" if generic else "pass", msg, value=round(value, 4),
                   threshold=low)
 
 
