@@ -42,7 +42,7 @@ from torch import nn
 from modalign.options import Options, at_least, one_of, require
 from modalign.registry import get_variant, register_variant
 
-MAINTAINERS = dict(created_by="modalign maintainers", model="AI coding assistant (modalign founding team session)", date="2026-11-29",
+MAINTAINERS = dict(created_by="modalign maintainers", model="modalign stage-3 variants", date="2026-11-29",
                    experiment_id="stage3", version="0.1.0")
 
 

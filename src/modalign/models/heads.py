@@ -25,7 +25,7 @@ from modalign.registry import register_variant
 TEAM = "modalign maintainers"
 # status "validated" is what tests/test_report.py::test_validated_builtin_heads_are_what_this_test_verifies
 # checks: every demo run with the head completes and beats chance; a head it does not cover stays experimental
-ASSISTANT = "AI coding assistant (modalign founding team session)"
+MODEL = "modalign heads"
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LinearOptions(Options):
     pass
 
 
-@register_variant("head", "linear", created_by=TEAM, model=ASSISTANT, date="2026-11-21", experiment_id="M1-align",
+@register_variant("head", "linear", created_by=TEAM, model=MODEL, date="2026-11-21", experiment_id="M1-align",
                   version="1.0", status="validated", approach="one linear map of the pooled encoder features",
                   key_features=["pooled features", "no hidden layer"])
 class LinearHead(nn.Module):
@@ -61,7 +61,7 @@ class MLPOptions(Options):
                 "it must be in [0, 1)")
 
 
-@register_variant("head", "mlp", created_by=TEAM, model=ASSISTANT, date="2026-11-21", experiment_id="M1-align",
+@register_variant("head", "mlp", created_by=TEAM, model=MODEL, date="2026-11-21", experiment_id="M1-align",
                   version="1.0", status="validated", approach="a 2- or 3-layer GELU MLP over the pooled encoder features",
                   key_features=["pooled features", "GELU hidden layers", "dropout"])
 class MLPHead(nn.Module):
@@ -187,7 +187,7 @@ class RegisterBlock(nn.Module):
         return out + self.v_cross.bias.view(1, h, 1, d).to(out.dtype)
 
 
-@register_variant("head", "registers", created_by=TEAM, model=ASSISTANT, date="2026-11-22",
+@register_variant("head", "registers", created_by=TEAM, model=MODEL, date="2026-11-22",
                   experiment_id="M1-registers", version="0.2.0",
                   approach="K learnable register tokens cross-attend to the encoder's tokens; the first K_o "
                            "align with text under nested dropout, the rest reconstruct the modality",
